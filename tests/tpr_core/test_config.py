@@ -1,0 +1,93 @@
+import pytest
+import yaml
+
+from tpr_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    field_bounds,
+    flatten,
+    load_config,
+)
+
+
+def _write(tmp_path, tree, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_defaults_resolve_method_weights():
+    cfg = ExperimentConfig(method="fmfa", data={"batch_size": 8})
+    assert cfg.loss.weights == {"a_sdm": 1.0, "efa": 1.0, "mlm": 1.0, "id": 1.0}
+    cfg = config_from_dict({"method": "irra", "loss": {"weights": {"id": 0.5}}, "data": {"batch_size": 8}})
+    assert cfg.loss.weights == {"sdm": 1.0, "id": 0.5, "mlm": 1.0}
+
+
+def test_dotted_overrides_parse_types(tmp_path):
+    p = _write(tmp_path, {"method": "irra", "data": {"batch_size": 8}})
+    cfg = load_config(p, ["optim.lr=1e-5", "loss.weights.id=0.25", "distributed.zero_stage=3", "model.pretrained=null"])
+    assert cfg.optim.lr == pytest.approx(1e-5) and isinstance(cfg.optim.lr, float)
+    assert cfg.loss.weights["id"] == 0.25
+    assert cfg.distributed.zero_stage == 3
+    assert cfg.model.pretrained is None
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["optim.lrr=1"], "optim.lrr"),
+        (["distributed.zero_stage=4"], "distributed.zero_stage"),
+        (["distributed.zero_stage=two"], "distributed.zero_stage"),
+        (["loss.mlm_mask_ratio=1.5"], "loss.mlm_mask_ratio"),
+        (["loss.weights.efa=1"], "loss.weights.efa"),  # irra has no efa term
+        (["loss.weights.id=-1"], "loss.weights.id"),
+        (["method=clip4ever"], "clip4ever"),
+        (["optim.lr"], "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, needle):
+    p = _write(tmp_path, {"method": "irra", "data": {"batch_size": 8}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, {"method": "irra", "optim": {"lr": 1e-4, "momentum": 0.9}, "data": {"batch_size": 8}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "optim.momentum" in str(e.value) and "unknown key" in str(e.value) and str(p) in str(e.value)
+
+
+def test_cross_field_batch_divisibility_names_both_fields():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"data": {"batch_size": 10}, "distributed": {"num_workers": 4}})
+    msg = str(e.value)
+    assert "data.batch_size" in msg and "distributed.num_workers" in msg
+
+
+def test_dump_and_reload_is_identity(tmp_path):
+    cfg = config_from_dict({"method": "uit", "model": {"image_size": [96, 32], "patch_size": 8}, "data": {"batch_size": 8}})
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_flatten_and_bounds():
+    cfg = ExperimentConfig(data={"batch_size": 8})
+    flat = flatten(cfg.model_dump(mode="json"))
+    assert flat["loss.weights.sdm"] == 1.0 and flat["optim.lr"] == 1e-5
+    assert field_bounds("loss.mlm_mask_ratio") == (0.0, 1.0, False, False)
+    assert field_bounds("distributed.zero_stage") == (0, 3, True, True)
+    with pytest.raises(ConfigError):
+        field_bounds("loss.nope")
+
+
+def test_override_into_non_section_is_error():
+    with pytest.raises(ConfigError):
+        apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])

@@ -1,0 +1,364 @@
+"""Typed experiment configuration.
+
+One YAML file describes one experiment; it is validated into :class:`ExperimentConfig`
+before anything else happens. Configs hold primitives and nested models only, so
+``model_dump()`` goes straight into MLflow params and Ray's ``train_loop_config``.
+
+Every leaf is addressable by a dotted path (``loss.weights.efa``, ``optim.lr``); the
+same paths are used by command-line overrides and by Ray Tune search spaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key named in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Strict):
+    """Encoder sizes and heads."""
+
+    preset: Literal["tiny", "base"] = Field("tiny", description="Encoder size preset.")
+    pretrained: str | None = Field(
+        None, description="Local Hugging Face CLIP directory to initialise the dual encoder from."
+    )
+    image_size: tuple[int, int] = Field((384, 128), description="Input image (height, width).")
+    patch_size: int = Field(16, ge=2, le=64, description="ViT patch size in pixels.")
+    text_length: int = Field(77, ge=8, le=512, description="Max caption length in tokens.")
+    embed_dim: int | None = Field(
+        None, ge=8, description="Joint embedding size; None takes the preset's (512 for base)."
+    )
+    cross_depth: int = Field(
+        4, ge=1, le=12, description="Depth of the IRR cross-modal transformer (IRRA/FMFA)."
+    )
+    restore_depth: int = Field(4, ge=1, le=12, description="Depth of UIT's restoration decoder.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] <= 0 or v[1] <= 0:
+            raise ValueError("image_size must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> ModelConfig:
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"model.image_size {self.image_size} must be divisible by model.patch_size {self.patch_size}"
+            )
+        return self
+
+
+class LossConfig(_Strict):
+    """Loss weights and every loss hyperparameter a sweep may search."""
+
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight per loss term; terms the method defines but not listed take its defaults.",
+    )
+    temperature: float = Field(0.02, gt=0.0, le=1.0, description="Softmax temperature of SDM / A-SDM.")
+    mlm_mask_ratio: float = Field(0.15, gt=0.0, lt=1.0, description="Share of caption tokens masked for MLM.")
+    a_sdm_alpha: float = Field(10.0, ge=0.0, le=100.0, description="A-SDM row-weight strength alpha (FMFA).")
+    efa_margin_text: float = Field(0.1, ge=0.0, le=5.0, description="EFA hinge margin, text to joint.")
+    efa_margin_image: float = Field(0.1, ge=0.0, le=5.0, description="EFA hinge margin, image to joint.")
+    triplet_margin: float = Field(0.05, ge=0.0, le=2.0, description="Cross-modal triplet margin (UIT).")
+    restore_mask_ratio: float = Field(0.7, gt=0.0, lt=1.0, description="Share of patches dropped (UIT).")
+    bmm_mask_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Max share of tokens dropped (IVT BMM).")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"loss.weights.{k} must be >= 0, got {w}")
+        return v
+
+
+class SynthConfig(_Strict):
+    """Synthetic dataset generated on first use when ``data.format`` is ``synthetic``."""
+
+    identities: int = Field(300, ge=6, description="Number of identities.")
+    images_per_identity: int = Field(4, ge=1, description="Images per identity.")
+    captions_per_image: int = Field(2, ge=1, le=5, description="Captions per image.")
+    seed: int = Field(0, description="Generator seed; same seed, same bytes.")
+    size: tuple[int, int] = Field((384, 128), description="Rendered image (height, width).")
+
+
+class DataConfig(_Strict):
+    """Where the data is and how batches are drawn."""
+
+    format: Literal["synthetic", "cuhk-pedes", "icfg-pedes", "rstpreid"] = Field(
+        "synthetic", description="Source format of the raw dataset."
+    )
+    root: str = Field(
+        "data/synthetic",
+        description="Prepared dataset (Parquet + manifest.json); a local path or an fs URI (s3://...).",
+    )
+    raw_root: str | None = Field(
+        None, description="Raw dataset to prepare on first use; for synthetic, where it is generated."
+    )
+    synthetic: SynthConfig = Field(default_factory=SynthConfig)
+    batch_size: int = Field(64, ge=1, description="Global batch size (all workers, one optimizer step).")
+    eval_batch_size: int = Field(256, ge=1, description="Batch size for encoding during evaluation.")
+    sampler: Literal["random", "identity"] = Field(
+        "random", description="random, or identity-balanced with K instances per identity."
+    )
+    instances_per_identity: int = Field(4, ge=1, description="K of the identity-balanced sampler.")
+    loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank.")
+    augment: bool = Field(True, description="Flip, pad-and-crop and random erasing on training images.")
+    text_aug_prob: float = Field(0.0, ge=0.0, le=1.0, description="UIT caption pruning probability.")
+
+
+class OptimConfig(_Strict):
+    """AdamW with IRRA-style parameter groups and warm-up + cosine schedule."""
+
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Base learning rate (encoders).")
+    head_lr_factor: float = Field(5.0, gt=0.0, le=1000.0, description="LR multiplier for heads.")
+    bias_lr_factor: float = Field(2.0, gt=0.0, le=100.0, description="LR multiplier for biases.")
+    weight_decay: float = Field(4e-5, ge=0.0, le=1.0, description="Weight decay (not on biases/norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    warmup_epochs: float = Field(5.0, ge=0.0, description="Linear warm-up length in epochs.")
+    warmup_factor: float = Field(0.1, gt=0.0, le=1.0, description="LR factor at the start of warm-up.")
+    min_lr_factor: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a factor of the LR.")
+    grad_clip: float = Field(0.0, ge=0.0, description="Gradient norm clipping; 0 disables it.")
+
+
+class TrainConfig(_Strict):
+    """Epochs and cadences."""
+
+    epochs: int = Field(60, ge=1, description="Training epochs.")
+    eval_every: int = Field(1, ge=1, description="Validate every N epochs.")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
+    keep_best: int = Field(2, ge=1, description="Checkpoints kept, best by val/R1.")
+    seed: int = Field(1, description="Global seed.")
+    log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (tests).")
+
+
+class DistributedConfig(_Strict):
+    """Ray Train worker group and DeepSpeed engine."""
+
+    num_workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (one rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker; NCCL when true, gloo otherwise.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
+
+
+class TrackingConfig(_Strict):
+    """MLflow names."""
+
+    experiment: str = Field("tpr", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="Run name; also the Ray run name (resume key).")
+
+
+class ExperimentConfig(_Strict):
+    """One training of one method."""
+
+    method: str = Field("irra", description="Registered method name (irra, fmfa, uit, ivt).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        from tpr_core.models.registry import method_spec
+
+        spec = method_spec(self.method)  # raises ConfigError naming the known methods
+        unknown = sorted(set(self.loss.weights) - set(spec.terms))
+        if unknown:
+            raise ValueError(
+                f"loss.weights.{unknown[0]} is not a loss term of method {self.method!r}; "
+                f"its terms are {sorted(spec.terms)}"
+            )
+        full = dict(spec.terms)
+        full.update(self.loss.weights)
+        if full != self.loss.weights:
+            # Resolve defaults so every weight is a searchable, logged leaf.
+            object.__setattr__(self.loss, "weights", full)
+        d = self.distributed
+        per_step = d.num_workers * d.grad_accum
+        if self.data.batch_size % per_step:
+            raise ValueError(
+                f"data.batch_size {self.data.batch_size} must be divisible by "
+                f"distributed.num_workers x distributed.grad_accum = {per_step}"
+            )
+        if self.data.sampler == "identity" and (self.data.batch_size // per_step) % self.data.instances_per_identity:
+            raise ValueError(
+                f"per-rank micro-batch {self.data.batch_size // per_step} (data.batch_size / workers / grad_accum) "
+                f"must be divisible by data.instances_per_identity {self.data.instances_per_identity}"
+            )
+        if self.train.checkpoint_every % self.train.eval_every and self.train.eval_every % self.train.checkpoint_every:
+            raise ValueError(
+                f"train.checkpoint_every {self.train.checkpoint_every} and train.eval_every "
+                f"{self.train.eval_every} must divide one another"
+            )
+        if self.model.pretrained is not None and self.method == "ivt":
+            raise ValueError("model.pretrained is for the dual (CLIP) encoder; method 'ivt' uses the shared encoder")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value with YAML rules (``1e-5`` -> float, ``[1, 2]`` -> list, ``null``)."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-5" as a string; accept the usual float spellings.
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        path = f"{prefix}{name}"
+        out.add(path)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= _known_paths(ann, path + ".")
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted == "a.b.c"``, creating dicts on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def check_dotted_key(dotted: str) -> None:
+    """Raise :class:`ConfigError` unless ``dotted`` names a config field (or a loss weight)."""
+    if dotted.startswith("loss.weights.") and dotted.count(".") == 2:
+        return
+    if dotted not in _known_paths(ExperimentConfig):
+        raise ConfigError(f"unknown config key {dotted!r}")
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (or a dotted-key dict) to a raw config tree, in place."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not of the form key=value")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), _parse_value(v.strip())))
+    for k, v in items:
+        check_dotted_key(k)
+        set_dotted(tree, k, v)
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    if overrides:
+        apply_overrides(tree, overrides)
+    return config_from_dict(tree, str(path))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML; ``load`` of it gives back an equal config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def field_bounds(dotted: str) -> tuple[float | None, float | None, bool, bool]:
+    """(low, high, low_inclusive, high_inclusive) of a numeric field, for sweep-space checks."""
+    check_dotted_key(dotted)
+    if dotted.startswith("loss.weights."):
+        return 0.0, None, True, True
+    parts = dotted.split(".")
+    model: type[BaseModel] = ExperimentConfig
+    for p in parts[:-1]:
+        model = model.model_fields[p].annotation  # type: ignore[assignment]
+    field = model.model_fields[parts[-1]]
+    lo = hi = None
+    lo_inc = hi_inc = True
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo, lo_inc = m.ge, True
+        if getattr(m, "gt", None) is not None:
+            lo, lo_inc = m.gt, False
+        if getattr(m, "le", None) is not None:
+            hi, hi_inc = m.le, True
+        if getattr(m, "lt", None) is not None:
+            hi, hi_inc = m.lt, False
+    return lo, hi, lo_inc, hi_inc

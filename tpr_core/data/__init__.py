@@ -1,0 +1,15 @@
+"""Data: synthetic generator, raw-format readers, Parquet shards, torch datasets.
+
+Batch contract (what a training DataLoader yields, what models consume), all tensors:
+
+- ``images``       float (B, 3, H, W), normalised with CLIP mean/std
+- ``text_ids``     long  (B, L) token ids: BOS, tokens, EOS, then ``pad_id``
+- ``text_mask``    long  (B, L) 1 on real tokens (BOS..EOS), 0 on padding
+- ``pids``         long  (B,) identity, contiguous from 0 within the split
+- ``index``        long  (B,) row index in the split
+- view ``mlm``:    ``mlm_ids`` (B, L) the masked caption, ``mlm_labels`` (B, L) original
+                   id at predicted positions, -100 elsewhere
+- view ``levels``: ``phrase_ids``/``phrase_mask`` (B, L) one comma chunk of the caption,
+                   ``word_ids``/``word_mask`` (B, L) one attribute phrase of the caption
+- view ``text_aug``: applied in place to ``text_ids`` (UIT caption pruning, training only)
+"""
