@@ -1,0 +1,123 @@
+"""`tpr data prepare` through the real CLI app: exit codes, messages, output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as ds
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.tpr_core.test_prepare import build_cuhk, build_icfg, build_rstp, dump
+from tpr_core.data.prepare import MANIFEST_NAME
+
+runner = CliRunner()
+
+
+def _squash(text: str) -> str:
+    # rich wraps long lines at the terminal width; compare without whitespace
+    return "".join(text.split())
+
+
+def _prepare(*args: str):
+    return runner.invoke(app, ["data", "prepare", *args])
+
+
+def test_prepare_each_format_exit_zero(tmp_path: Path) -> None:
+    for fmt, build, n_rows in (
+        ("cuhk-pedes", build_cuhk, 26),
+        ("icfg-pedes", build_icfg, 40),
+        ("rstpreid", build_rstp, 14),
+    ):
+        root, out = tmp_path / f"raw-{fmt}", tmp_path / f"out-{fmt}"
+        build(root)
+        res = _prepare("--format", fmt, "--root", str(root), "--out", str(out), "--shard-rows", "8")
+        assert res.exit_code == 0, res.output
+        assert f"wrote {out}" in " ".join(res.output.split()) or _squash(f"wrote {out}") in _squash(
+            res.output
+        )
+        assert ds.dataset(out).to_table().num_rows == n_rows
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        assert m["source_format"] == fmt and all(s["rows"] <= 8 for s in m["shards"])
+
+
+def test_icfg_val_options_reach_prepare(tmp_path: Path) -> None:
+    root, out = tmp_path / "raw", tmp_path / "out"
+    build_icfg(root, n_ids=20)
+    res = _prepare(
+        "--format",
+        "icfg-pedes",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.5",
+        "--seed",
+        "7",
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["val_split"]["fraction"] == 0.5 and m["val_split"]["seed"] == 7
+    assert m["counts"]["val"]["identities"] == 8  # half of the 16 train identities
+
+
+def test_bad_record_exits_nonzero_names_record_path_field_and_writes_nothing(tmp_path: Path) -> None:
+    root, out = tmp_path / "raw", tmp_path / "out"
+    records = build_cuhk(root)
+    records[4]["captions"] = []
+    records[7]["split"] = "dev"
+    dump(root, "cuhk-pedes", records)
+    res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(out))
+    assert res.exit_code == 2
+    got = _squash(res.output)
+    assert _squash(str(root / "reid_raw.json")) in got
+    assert _squash("record 4 (path 'CUHK01/0040001.png'): field 'captions': empty caption list") in got
+    assert _squash("record 7 (path 'test_query/p5_s2.jpg'): field 'split': unknown split 'dev'") in got
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_truncated_image_and_invalid_json_fail_cleanly(tmp_path: Path) -> None:
+    root, out = tmp_path / "raw", tmp_path / "out"
+    records = build_rstp(root)
+    img = root / "imgs" / records[3]["img_path"]
+    img.write_bytes(img.read_bytes()[:-40])
+    res = _prepare("--format", "rstpreid", "--root", str(root), "--out", str(out))
+    assert res.exit_code == 2
+    assert _squash(f"record 3 (path '{records[3]['img_path']}'): field 'img_path': truncated") in _squash(
+        res.output
+    )
+    assert not out.exists()
+
+    (root / "data_captions.json").write_text('[{"id": 1,}]')
+    res = _prepare("--format", "rstpreid", "--root", str(root), "--out", str(out))
+    assert res.exit_code == 2
+    assert _squash("invalid JSON at line 1, column 11") in _squash(res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_skip_bad_exit_zero_and_lists_records(tmp_path: Path) -> None:
+    root, out = tmp_path / "raw", tmp_path / "out"
+    records = build_cuhk(root)
+    (root / "imgs" / records[0]["file_path"]).unlink()
+    records[5]["id"] = "7"
+    dump(root, "cuhk-pedes", records)
+    res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(out), "--skip-bad")
+    assert res.exit_code == 0, res.output
+    assert "skipped 2 bad records" in " ".join(res.output.split())
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert [(s["index"], s["path"], s["field"]) for s in m["skipped"]] == [
+        (0, "CUHK03/12_1.jpg", "file_path"),
+        (5, "test_query/p7_s1.jpg", "id"),
+    ]
+    assert ds.dataset(out).to_table().num_rows == 26 - 2 - 2
+
+
+def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
+    res = _prepare("--format", "market1501", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "unknown format 'market1501'" in " ".join(res.output.split())
+    res = _prepare("--format", "rstpreid", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2 and _squash(str(tmp_path / "absent")) in _squash(res.output)
+    assert not (tmp_path / "out").exists()
