@@ -98,6 +98,40 @@ def train_cmd(
     _print_result(m)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="Base experiment YAML for every trial."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides key=value for the base config."),
+    space: Path = typer.Option(..., "--space", help="Search space (tune_spaces/NAME.yaml)."),
+    samples: int = typer.Option(None, "--samples", min=1, help="Trials (default: the space file's)."),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="Trials at once (default: what fits)."),
+    name: str = typer.Option(None, "--name", help="Sweep name (needed for --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep called --name."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Storage root (local path or s3://...)."),
+    seed: int = typer.Option(0, "--seed", help="Searcher seed."),
+) -> None:
+    """Search loss weights and mask ratios with Ray Tune; every trial a distributed training."""
+    from pipelines.sweep import sweep
+    from tpr_core.config import load_config
+
+    if resume and not name:
+        raise typer.BadParameter("--resume needs --name SWEEP")
+    cfg = load_config(config, overrides or [])
+    out = sweep(cfg, space, runs_dir=runs_dir, samples=samples, max_concurrent=max_concurrent, name=name,
+                resume=resume, seed=seed)
+    from rich.table import Table
+
+    t = Table(title=f"sweep {out['sweep_name']}: {len(out['trials'])} trials")
+    keys = [k for k in out["trials"][0] if k not in ("mlflow_run_id",)] if out["trials"] else []
+    for k in keys:
+        t.add_column(k)
+    for r in out["trials"]:
+        t.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys])
+    console.print(t)
+    console.print(f"best {out['metric']}: {out.get('best_metric')} with {out.get('best_params')}")
+    console.print(f"MLflow parent run: {out['parent_run_id']}")
+
+
 def _print_result(m: dict) -> None:
     from rich.table import Table
 

@@ -1,0 +1,217 @@
+"""What train, sweep and evaluate share: preflight checks, the dataset and tokenizer on disk,
+the local Ray instance, and Ray Train's ScalingConfig / RunConfig (built in one place).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tpr_core.config import ConfigError, ExperimentConfig
+
+# Environment every Ray worker needs. DS_ACCELERATOR only where no GPU is used.
+_WORKER_ENV_KEYS = ("MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+
+
+class PreflightError(ConfigError):
+    """A problem found before any Ray worker starts."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one training lives. ``storage`` is Ray's storage_path; the run folder is
+    ``storage/name`` (checkpoints ``epoch-NNNN/``, the exported best model ``model/``)."""
+
+    runs_dir: Path
+    storage: str
+    name: str
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def model_dir(self) -> str:
+        return f"{self.run_dir}/model"
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return f"{self.run_dir}/tokenizer"
+
+
+def _is_uri(path: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+
+
+def run_paths(runs_dir: str | Path, name: str) -> RunPaths:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise PreflightError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    rd = str(runs_dir)
+    if _is_uri(rd):
+        return RunPaths(Path("."), f"{rd.rstrip('/')}/ray", name)
+    p = Path(rd).expanduser().resolve()
+    return RunPaths(p, str(p / "ray"), name)
+
+
+def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Resolve relative local paths against the current directory: Ray workers run elsewhere."""
+    data = cfg.model_dump(mode="json")
+    for sec, key in (("data", "root"), ("data", "raw_root"), ("model", "pretrained")):
+        v = data[sec][key]
+        if v and not _is_uri(v):
+            data[sec][key] = str(Path(v).expanduser().resolve())
+    return ExperimentConfig.model_validate(data)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Errors that must stop a run before Ray starts any worker."""
+    import torch
+
+    d = cfg.distributed
+    if d.use_gpu:
+        if torch.cuda.is_available() and d.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise PreflightError(
+                f"distributed.precision=bf16: this machine's GPU ({torch.cuda.get_device_name(0)}) has no bf16 support"
+            )
+    else:
+        if d.precision == "fp16":
+            raise PreflightError("distributed.precision=fp16 needs a GPU (distributed.use_gpu=true); use fp32 on CPU")
+        if d.precision == "bf16" and not _cpu_has_bf16():
+            raise PreflightError(
+                "distributed.precision=bf16 requested on a CPU without bf16 support (no avx512_bf16/amx_bf16); use fp32"
+            )
+    if cfg.model.pretrained:
+        from tpr_core.models.dual_encoder import check_clip_dir
+
+        try:
+            check_clip_dir(cfg.model.pretrained)
+        except (ValueError, FileNotFoundError) as e:
+            raise PreflightError(str(e)) from None
+
+
+def ensure_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The prepared dataset's manifest; the synthetic set is generated and prepared on first use."""
+    from tpr_core.data.parquet_io import read_manifest
+    from tpr_core.data.prepare import prepare
+
+    root = cfg.data.root
+    try:
+        return read_manifest(root)
+    except (FileNotFoundError, ValueError) as first_error:
+        if cfg.data.format != "synthetic":
+            raise PreflightError(
+                f"data.root {root}: not a prepared dataset ({first_error}). "
+                f"Run: tpr data prepare --format {cfg.data.format} --root RAW_DIR --out {root}"
+            ) from None
+    from tpr_core.data.synth import ensure_synthetic
+
+    s = cfg.data.synthetic
+    raw = cfg.data.raw_root or str(Path(root).parent / "raw")
+    ensure_synthetic(
+        raw,
+        identities=s.identities,
+        images_per_identity=s.images_per_identity,
+        captions_per_image=s.captions_per_image,
+        seed=s.seed,
+        size=tuple(s.size),
+    )
+    if not Path(root).exists():
+        prepare("cuhk-pedes", raw, root)
+    return read_manifest(root)
+
+
+def ensure_tokenizer(cfg: ExperimentConfig, out_dir: str) -> str:
+    """Save the run's tokenizer to ``out_dir`` (kept if already there, so a resume reuses it).
+
+    From-scratch runs train one on the training captions; pretrained runs take the CLIP
+    directory's tokenizer (plus a mask token).
+    """
+    from tpr_core.data.dataset import load_split
+    from tpr_core.data.tokenizer import Tokenizer
+
+    out = Path(out_dir)
+    if (out / "tpr_tokenizer.json").exists():
+        return str(out)
+    if cfg.model.pretrained:
+        tok = Tokenizer.from_clip(cfg.model.pretrained, max_length=cfg.model.text_length)
+    else:
+        train = load_split(cfg.data.root, "train")
+        captions = [train.caption(i) for i in range(len(train))]
+        vocab = 49408 if cfg.model.preset == "base" else 4096
+        tok = Tokenizer.train(captions, vocab_size=vocab, max_length=cfg.model.text_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tok.save(tmp)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster named by RAY_ADDRESS, or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.distributed.cpus_per_worker))))
+    if not cfg.distributed.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def ray_configs(cfg: ExperimentConfig, paths: RunPaths, callbacks: list | None = None) -> tuple[Any, Any]:
+    """ScalingConfig and RunConfig for one training; used by train, sweep and evaluate alike."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    d = cfg.distributed
+    scaling = ScalingConfig(
+        num_workers=d.num_workers,
+        use_gpu=d.use_gpu,
+        resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})},
+    )
+    run = RunConfig(
+        name=paths.name,
+        storage_path=paths.storage,
+        failure_config=FailureConfig(max_failures=d.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.train.keep_best,
+            checkpoint_score_attribute="val/R1",
+            checkpoint_score_order="max",
+        ),
+        worker_runtime_env={"env_vars": worker_env(cfg)},
+        callbacks=callbacks or None,
+    )
+    return scaling, run

@@ -1,0 +1,282 @@
+"""``tpr sweep``: Ray Tune over a search space, every trial a distributed training.
+
+Each trial is a Tune *function* trainable that builds and fits the same TorchTrainer as
+``tpr train`` (``pipelines.train.fit``); a ``TuneReportCallback`` forwards each training
+report to Tune, where the searcher (Optuna TPE or random) and ASHA see it.
+
+Names are deterministic: the sweep ``NAME`` has its Tune experiment at
+``RUNS/tune/NAME`` and trial ``i`` trains as the Ray Train run ``NAME-t<i>`` (``i`` is
+the index in Tune's trial id, kept across ``--resume``). MLflow: one parent run keyed
+``sweep:NAME``; each trial a child run keyed by its training run name, so a resumed
+sweep never creates a run twice.
+
+Conventions the registry reads (``pipelines.registry``): the parent run carries the tag
+``tpr.best_trial_run_id`` (the best child's MLflow run id) and the best trial's exported
+model under the artifact path ``model/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tpr_core.config import ExperimentConfig, flatten
+from pipelines.setup import init_ray, run_paths
+from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
+
+SWEEP_KEY_PREFIX = "sweep:"
+BEST_TRIAL_TAG = "tpr.best_trial_run_id"
+
+
+def default_max_concurrent(cfg: ExperimentConfig) -> int:
+    """Trials the cluster can hold at once: CPUs (or GPUs) / what one trial's workers take."""
+    import ray
+
+    res = ray.cluster_resources()
+    d = cfg.distributed
+    if d.use_gpu:
+        return max(1, int(res.get("GPU", 1) // d.num_workers))
+    return max(1, int(res.get("CPU", 1) // (d.num_workers * d.cpus_per_worker)))
+
+
+def _trial_index(trial_id: str) -> int:
+    m = re.search(r"_(\d+)$", trial_id)
+    return int(m.group(1)) if m else abs(hash(trial_id)) % 10**6
+
+
+def _make_trainable(base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None):
+    """The Tune function trainable (closes over plain data only, so it pickles)."""
+
+    def trial(params: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from pipelines.train import fit, prepare_run
+
+        ctx = tune.get_context()
+        name = f"{sweep_name}-t{_trial_index(ctx.get_trial_id()):03d}"
+        cfg = trial_config(ExperimentConfig.model_validate(base), params)
+        cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
+        loop_config["parent_run_id"] = parent_run_id
+        loop_config["extra_tags"] = {"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)}
+        result = fit(cfg, paths, loop_config, callbacks=[TuneReportCallback()])
+        if result.error is not None:
+            raise result.error
+
+    return trial
+
+
+def sweep(
+    cfg: ExperimentConfig,
+    space_path: str | Path,
+    runs_dir: str | Path = "runs",
+    samples: int | None = None,
+    max_concurrent: int | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the best trial's config, metric and MLflow ids."""
+    from ray import tune
+    from ray.tune import CLIReporter, TuneConfig
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines import tracking
+    from pipelines.setup import absolutize, ensure_dataset, preflight
+
+    space = load_space(space_path, cfg)  # errors here: nothing started
+    cfg = absolutize(cfg)
+    preflight(cfg)
+    ensure_dataset(cfg)  # generate/prepare once, before trials race for it
+    name = name or f"sweep-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = run_paths(runs_dir, name)
+    tune_storage = paths.storage.rsplit("/", 1)[0] + "/tune"
+    exp_dir = f"{tune_storage}/{name}"
+    n = samples or space.samples
+
+    with tracking.tracking_server(paths.runs_dir):
+        parent = tracking.start_or_resume_run(
+            cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
+            tags={"tpr.kind": "sweep", "method": cfg.method},
+        )
+        tracking.log_params_flat(parent, {
+            "space.file": str(space_path), "space.metric": space.metric, "space.mode": space.mode,
+            "space.search": space.search, "space.samples": n,
+            "space.scheduler": space.scheduler.model_dump_json(),
+            **{f"space.params.{k}": json.dumps(v) for k, v in space.params.items()},
+        })
+        init_ray()
+        concurrency = max_concurrent or default_max_concurrent(cfg)
+        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent)
+        # The trial driver only waits on its TorchTrainer: it reserves no CPU of its own.
+        trainable = tune.with_resources(trainable, {"CPU": 0})
+        if resume:
+            from ray.tune import Tuner
+
+            if not Tuner.can_restore(exp_dir):
+                raise FileNotFoundError(f"no sweep named {name!r} to resume at {exp_dir}")
+            tuner = Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            if space.search == "optuna":
+                searcher = OptunaSearch(seed=seed)
+            else:
+                searcher = BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+            if space.search == "optuna":
+                searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+            if space.scheduler.type == "asha":
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=cfg.train.epochs + 1,
+                    grace_period=space.scheduler.grace_period,
+                    reduction_factor=space.scheduler.reduction_factor,
+                )
+            else:
+                scheduler = FIFOScheduler()
+            reporter = CLIReporter(
+                parameter_columns=list(space.params),
+                metric_columns=["epoch", space.metric],
+                max_report_frequency=15,
+                sort_by_metric=True,
+                metric=space.metric,
+                mode=space.mode,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_distributions(space),
+                tune_config=TuneConfig(
+                    metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
+                    num_samples=n, max_concurrent_trials=concurrency,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=tune_storage, progress_reporter=reporter),
+            )
+        grid = tuner.fit()
+        summary = _log_parent(grid, space, parent, cfg, name, runs_dir=paths.runs_dir)
+        tracking.set_terminated(parent, "FINISHED")
+    summary["parent_run_id"] = parent
+    summary["sweep_name"] = name
+    return summary
+
+
+def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig, name: str, runs_dir: Path) -> dict:
+    """Best config and metric, a CSV of all trials and a metric-vs-parameter picture."""
+    from pipelines import tracking
+
+    rows = []
+    best: dict[str, Any] | None = None
+    sign = 1 if space.mode == "max" else -1
+    for res in grid:
+        trial_id = getattr(res, "path", "") or ""
+        params = {k: v for k, v in (res.config or {}).items()}
+        hist = res.metrics_dataframe
+        values = []
+        if hist is not None and space.metric in hist:
+            values = [v for v in hist[space.metric].tolist() if v == v]  # drop NaN
+        score = (max(values) if sign > 0 else min(values)) if values else None
+        last = res.metrics or {}
+        row = {
+            "trial": Path(trial_id).name, "status": "ERROR" if res.error else "DONE",
+            "best_" + space.metric: score, "epochs": last.get("epoch"),
+            "mlflow_run_id": last.get("mlflow_run_id", ""), **params,
+        }
+        rows.append(row)
+        if score is not None and (best is None or sign * score > sign * best["score"]):
+            best = {"score": score, "params": params, "row": row}
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp, "trials.csv")
+        keys = sorted({k for r in rows for k in r})
+        with csv_path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        tracking.log_artifact(parent, csv_path)
+        try:
+            png = _metric_vs_params(rows, space, Path(tmp, "metric_vs_params.png"))
+            tracking.log_artifact(parent, png, "pictures")
+        except Exception as e:  # a picture must not fail a finished sweep
+            print(f"[tpr] warning: could not draw the sweep picture: {e}")
+    out: dict[str, Any] = {"trials": rows, "metric": space.metric}
+    if best is None:
+        return out
+    best_cfg = trial_config(cfg, best["params"])
+    out.update(best_metric=best["score"], best_params=best["params"], best_config=best_cfg.model_dump(mode="json"))
+    child = _find_child_run(cfg.tracking.experiment, parent, best["params"])
+    metrics = {f"best/{space.metric}": float(best["score"])}
+    tracking.log_metrics(parent, metrics, step=0)
+    tracking.log_params_flat(parent, {f"best.{k}": v for k, v in best["params"].items()})
+    if child:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(parent, BEST_TRIAL_TAG, child)
+        out["best_trial_run_id"] = child
+        run = client.get_run(child)
+        model_dir = _model_dir_of(run)
+        if model_dir and Path(model_dir).is_dir():
+            tracking.log_artifact(parent, model_dir, "model")
+            out["best_model_dir"] = model_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp, "best_config.yaml")
+        from tpr_core.config import dump_config
+
+        p.write_text(dump_config(best_cfg))
+        tracking.log_artifact(parent, p)
+    return out
+
+
+def _find_child_run(experiment: str, parent: str, params: dict[str, Any]) -> str | None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    want = json.dumps(params, sort_keys=True)
+    for r in runs:
+        if r.data.tags.get("tpr.trial_params") == want:
+            return r.info.run_id
+    return None
+
+
+def _model_dir_of(run: Any) -> str | None:
+    return run.data.tags.get("tpr.model_dir")
+
+
+def _metric_vs_params(rows: list[dict], space: SpaceFile, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(space.params)
+    mkey = "best_" + space.metric
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r.get(k), r.get(mkey)) for r in rows if r.get(mkey) is not None]
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        if xs and isinstance(xs[0], str):
+            cats = sorted(set(xs))
+            xs = [cats.index(x) for x in xs]
+            ax.set_xticks(range(len(cats)), cats)
+        ax.scatter(xs, ys)
+        ax.set_xlabel(k)
+        ax.set_ylabel(space.metric)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

@@ -1,0 +1,79 @@
+"""``tpr train``: one training of one method on Ray Train workers with DeepSpeed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tpr_core.config import ExperimentConfig
+from pipelines.setup import (
+    RunPaths,
+    absolutize,
+    ensure_dataset,
+    ensure_tokenizer,
+    git_commit,
+    init_ray,
+    preflight,
+    ray_configs,
+    run_paths,
+)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run(cfg: ExperimentConfig, runs_dir: str | Path, name: str) -> tuple[ExperimentConfig, RunPaths, dict]:
+    """Everything checked and on disk before any worker starts; returns the loop config base."""
+    cfg = absolutize(cfg)
+    preflight(cfg)
+    paths = run_paths(runs_dir, name)
+    manifest = ensure_dataset(cfg)
+    tok_dir = ensure_tokenizer(cfg, str(paths.runs_dir / "tokenizers" / name))
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "run_name": name,
+        "tokenizer_dir": tok_dir,
+        "model_dir": paths.model_dir,
+        "result_path": f"{paths.run_dir}/result.json",
+        "probe_path": f"{paths.run_dir}/probe.safetensors",
+        "manifest_hash": manifest.get("content_hash", ""),
+        "git_commit": git_commit(),
+    }
+    return cfg, paths, loop_config
+
+
+def fit(cfg: ExperimentConfig, paths: RunPaths, loop_config: dict, callbacks: list | None = None) -> Any:
+    """Build the TorchTrainer (the same for train and sweep) and run it; returns Ray's Result."""
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.worker import train_loop
+
+    scaling, run = ray_configs(cfg, paths, callbacks)
+    trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    return trainer.fit()
+
+
+def train(
+    cfg: ExperimentConfig, runs_dir: str | Path = "runs", name: str | None = None, extra: dict | None = None
+) -> dict[str, Any]:
+    """Run one training end to end; returns the final metrics (test/*, best/*, model_dir, run id)."""
+    from pipelines.tracking import tracking_server
+
+    name = name or default_run_name(cfg)
+    cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
+    loop_config.update(extra or {})
+    with tracking_server(paths.runs_dir):
+        init_ray()
+        result = fit(cfg, paths, loop_config)
+    if result.error is not None:
+        raise result.error
+    import json
+
+    from pipelines.worker import read_text
+
+    metrics = json.loads(read_text(loop_config["result_path"]))
+    metrics["run_name"] = name
+    metrics["run_dir"] = paths.run_dir
+    return metrics
