@@ -1,0 +1,162 @@
+"""tpr train end to end on CPU: real Ray (2 workers), real DeepSpeed over gloo, real MLflow."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.pipelines.conftest import REPO, tiny_overrides
+from tpr_core.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(name, synth_data, **extra):
+    return load_config(REPO / f"pipelines/configs/{name}_synthetic_tiny.yaml", tiny_overrides(synth_data, **extra))
+
+
+def _chance_r1(root: str) -> float:
+    """Expected R@1 (percent) of a random ranking on the val split: mean over queries of matches / G."""
+    from tpr_core.data.dataset import load_split
+
+    val = load_split(root, "val")
+    counts = np.bincount(val.image_pids)
+    return 100.0 * float(np.mean(counts[val.pids] / val.num_images))
+
+
+@contextlib.contextmanager
+def _mlflow(runs_dir: Path):
+    """A client of the run's own store, through the same loopback server the run used."""
+    from pipelines.tracking import tracking_server
+
+    with tracking_server(runs_dir) as uri:
+        yield MlflowClient(tracking_uri=uri)
+
+
+def _runs(client: MlflowClient, experiment: str, key: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`tpr.run_key` = '{key}'")
+
+
+def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
+    from pipelines.train import train
+
+    cfg = _cfg("irra", synth_data, train__epochs=6, train__eval_every=2, train__checkpoint_every=2,
+               train__log_every=5, distributed__zero_stage=2)
+    m = train(cfg, runs_dir=tmp_path, name="z2")
+    chance = _chance_r1(synth_data["root"])
+    print(f"\nval R@1 {m['best/val_R1']:.2f} vs chance {chance:.2f}; test R@1 {m['test/R1']:.2f}")
+    assert m["best/val_R1"] >= 5 * chance
+    for k in ("test/R1", "test/R5", "test/R10", "test/mAP", "test/mINP"):
+        assert 0.0 <= m[k] <= 100.0
+
+    run_dir = tmp_path / "ray" / "z2"
+    ckpts = sorted(p.name for p in run_dir.glob("epoch-*"))
+    assert 1 <= len(ckpts) <= cfg.train.keep_best, ckpts
+    for c in ckpts:
+        d = run_dir / c
+        assert (d / "trainer_state.json").is_file() and (d / "state" / "latest").is_file()
+        assert {p.name for p in (d / "rng").iterdir()} == {"rank-0.pt", "rank-1.pt"}
+    model = Path(m["model_dir"])
+    assert {p.name for p in model.iterdir()} >= {"model.safetensors", "config.yaml", "tokenizer", "metrics.json"}
+    resolved = load_config(model / "config.yaml")
+    assert resolved.method == "irra" and resolved.distributed.zero_stage == 2
+    assert json.loads((model / "metrics.json").read_text())["test/R1"] == pytest.approx(m["test/R1"])
+
+    with _mlflow(tmp_path) as client:
+        _check_z2_run(client, cfg, m)
+
+
+def _check_z2_run(client, cfg, m):
+    runs = _runs(client, cfg.tracking.experiment, "z2")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == m["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.params["loss.weights.sdm"] == "1.0" and run.data.params["distributed.zero_stage"] == "2"
+    assert run.data.tags["method"] == "irra" and run.data.tags["dataset_manifest_hash"].startswith("sha256:")
+    for key in ("train/loss", "train/sdm", "train/id", "train/mlm", "train/lr", "val/R1", "val/mINP", "test/R1"):
+        assert key in run.data.metrics, key
+    steps = [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 5
+    losses = [h.value for h in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses[-1] < losses[0]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "pictures", "model"} <= arts
+    pics = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert {"pictures/retrieval_grid.png", "pictures/recall_at_k.png"} <= pics
+
+
+def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines.train import train
+    from tpr_core.export import load_exported
+
+    cfg = _cfg("irra", synth_data, train__epochs=2, train__eval_every=1, train__checkpoint_every=1,
+               train__max_steps_per_epoch=3, distributed__zero_stage=3)
+    m = train(cfg, runs_dir=tmp_path, name="z3")
+    probe = load_file(tmp_path / "ray" / "z3" / "probe.safetensors")
+    exp = load_exported(m["model_dir"])
+    with torch.no_grad():
+        img = exp.model.encode_image(probe["images"])
+        txt = exp.model.encode_text(probe["text_ids"], probe["text_mask"])
+    torch.testing.assert_close(img, probe["image_feats"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(txt, probe["text_feats"], rtol=1e-4, atol=1e-5)
+    # ZeRO-3 really sharded: each rank's checkpoint holds only its partition of the weights
+    ckpt = sorted((tmp_path / "ray" / "z3").glob("epoch-*"))[-1] / "state" / "state"
+    assert len(list(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+
+
+def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_path):
+    from pipelines.train import train
+
+    cfg = _cfg("irra", synth_data, train__epochs=3, train__eval_every=1, train__checkpoint_every=1,
+               train__max_steps_per_epoch=3, train__log_every=1)
+    marker = tmp_path / "killed"
+    m = train(cfg, runs_dir=tmp_path, name="kill", extra={"fail_at_epoch": 2, "fail_marker": str(marker)})
+    assert marker.exists(), "the worker was not killed"
+    assert m["best/epoch"] in (1, 2, 3)
+    with _mlflow(tmp_path) as client:
+        runs = _runs(client, cfg.tracking.experiment, "kill")
+        assert len(runs) == 1
+        steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+        assert steps == list(range(1, 10)), steps  # 3 epochs x 3 steps, each exactly once
+        val_steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "val/R1")]
+        assert val_steps == [3, 6, 9]
+
+
+def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
+    from pipelines.train import train
+
+    cfg = _cfg("irra", synth_data, train__epochs=2, train__eval_every=1, train__checkpoint_every=1,
+               train__max_steps_per_epoch=2, train__log_every=1, distributed__max_failures=0)
+    marker = tmp_path / "killed"
+    with pytest.raises(Exception):
+        train(cfg, runs_dir=tmp_path, name="crash", extra={"fail_at_epoch": 1, "fail_marker": str(marker)})
+    assert marker.exists()
+    m = train(cfg, runs_dir=tmp_path, name="crash")
+    assert m["test/R1"] >= 0
+    with _mlflow(tmp_path) as client:
+        runs = _runs(client, cfg.tracking.experiment, "crash")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+        assert steps == [1, 2, 3, 4]
+
+
+def test_bad_input_fails_before_ray(synth_data, tmp_path):
+    from pipelines.train import train
+
+    with pytest.raises(ConfigError, match="distributed.precision=fp16"):
+        train(_cfg("irra", synth_data, distributed__precision="fp16"), runs_dir=tmp_path, name="x")
+    with pytest.raises(ConfigError, match="not a prepared dataset"):
+        cfg = load_config(REPO / "pipelines/configs/irra_cuhk_base.yaml",
+                          [f"data.root={tmp_path / 'nothing'}", "model.pretrained=null", "distributed.use_gpu=false",
+                           "distributed.precision=fp32"])
+        train(cfg, runs_dir=tmp_path, name="x")
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        train(_cfg("irra", synth_data, model__pretrained=str(tmp_path)), runs_dir=tmp_path, name="x")
+    assert not (tmp_path / "ray").exists()  # nothing was started
