@@ -147,6 +147,24 @@ def _print_result(m: dict) -> None:
     console.print(f"model folder: {m.get('model_dir')}")
 
 
+@app.command("demo")
+def demo_cmd(
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where runs, MLflow store and pictures go."),
+    data_dir: str = typer.Option("data/synthetic-demo", "--data-dir", help="Synthetic data (generated once)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer steps (CI); the same code path."),
+    model_name: str = typer.Option("tpr-demo", "--model-name", help="Registered model name."),
+) -> None:
+    """Synthetic data, IRRA baseline, FMFA sweep, promoted champion, text queries, metrics table."""
+    from pipelines.demo import demo
+
+    demo(runs_dir=runs_dir, data_dir=data_dir, quick=quick, model_name=model_name, console=console)
+
+
+from pipelines import registry_cli  # noqa: E402  (adds promote, rollback, evaluate, search)
+
+registry_cli.register(app)
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

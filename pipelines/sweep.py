@@ -5,8 +5,8 @@ Each trial is a Tune *function* trainable that builds and fits the same TorchTra
 report to Tune, where the searcher (Optuna TPE or random) and ASHA see it.
 
 Names are deterministic: the sweep ``NAME`` has its Tune experiment at
-``RUNS/tune/NAME`` and trial ``i`` trains as the Ray Train run ``NAME-t<i>`` (``i`` is
-the index in Tune's trial id, kept across ``--resume``). MLflow: one parent run keyed
+``RUNS/tune/NAME`` and each trial trains as the Ray Train run ``NAME-t<trial id>`` (Tune keeps
+trial ids across ``--resume``). MLflow: one parent run keyed
 ``sweep:NAME``; each trial a child run keyed by its training run name, so a resumed
 sweep never creates a run twice.
 
@@ -46,9 +46,9 @@ def default_max_concurrent(cfg: ExperimentConfig) -> int:
     return max(1, int(res.get("CPU", 1) // (d.num_workers * d.cpus_per_worker)))
 
 
-def _trial_index(trial_id: str) -> int:
-    m = re.search(r"_(\d+)$", trial_id)
-    return int(m.group(1)) if m else abs(hash(trial_id)) % 10**6
+def _trial_key(trial_id: str) -> str:
+    """Tune's trial id (kept across ``Tuner.restore``) made safe for a run name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", trial_id)
 
 
 def _make_trainable(base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None):
@@ -61,7 +61,7 @@ def _make_trainable(base: dict[str, Any], runs_dir: str, sweep_name: str, parent
         from pipelines.train import fit, prepare_run
 
         ctx = tune.get_context()
-        name = f"{sweep_name}-t{_trial_index(ctx.get_trial_id()):03d}"
+        name = f"{sweep_name}-t{_trial_key(ctx.get_trial_id())}"
         cfg = trial_config(ExperimentConfig.model_validate(base), params)
         cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
         loop_config["parent_run_id"] = parent_run_id
@@ -118,8 +118,8 @@ def sweep(
         init_ray()
         concurrency = max_concurrent or default_max_concurrent(cfg)
         trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent)
-        # The trial driver only waits on its TorchTrainer: it reserves no CPU of its own.
-        trainable = tune.with_resources(trainable, {"CPU": 0})
+        # The trial driver only waits on its TorchTrainer: it reserves a token share of a CPU.
+        trainable = tune.with_resources(trainable, {"CPU": 0.01})
         if resume:
             from ray.tune import Tuner
 
@@ -175,21 +175,23 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
     best: dict[str, Any] | None = None
     sign = 1 if space.mode == "max" else -1
     for res in grid:
-        trial_id = getattr(res, "path", "") or ""
-        params = {k: v for k, v in (res.config or {}).items()}
+        params = dict(res.config or {})
         hist = res.metrics_dataframe
         values = []
         if hist is not None and space.metric in hist:
             values = [v for v in hist[space.metric].tolist() if v == v]  # drop NaN
         score = (max(values) if sign > 0 else min(values)) if values else None
         last = res.metrics or {}
+        finished = "test/R1" in last  # the final report (test metrics + exported model)
+        status = "ERROR" if res.error else ("DONE" if finished else "STOPPED")
         row = {
-            "trial": Path(trial_id).name, "status": "ERROR" if res.error else "DONE",
-            "best_" + space.metric: score, "epochs": last.get("epoch"),
-            "mlflow_run_id": last.get("mlflow_run_id", ""), **params,
+            "trial": Path(getattr(res, "path", "") or "").name, "status": status,
+            "best_" + space.metric: score, "epochs": int(hist["epoch"].max()) if hist is not None and "epoch" in hist else None,
+            "test/R1": last.get("test/R1"), "mlflow_run_id": last.get("mlflow_run_id", ""), **params,
         }
         rows.append(row)
-        if score is not None and (best is None or sign * score > sign * best["score"]):
+        # Only a trial that ran to the end has an exported model to promote.
+        if finished and score is not None and (best is None or sign * score > sign * best["score"]):
             best = {"score": score, "params": params, "row": row}
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp, "trials.csv")
@@ -209,7 +211,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         return out
     best_cfg = trial_config(cfg, best["params"])
     out.update(best_metric=best["score"], best_params=best["params"], best_config=best_cfg.model_dump(mode="json"))
-    child = _find_child_run(cfg.tracking.experiment, parent, best["params"])
+    child = best["row"]["mlflow_run_id"] or _find_child_run(cfg.tracking.experiment, parent, best["params"])
     metrics = {f"best/{space.metric}": float(best["score"])}
     tracking.log_metrics(parent, metrics, step=0)
     tracking.log_params_flat(parent, {f"best.{k}": v for k, v in best["params"].items()})

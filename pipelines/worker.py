@@ -295,7 +295,9 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     loader = make_train_loader(dataset, sampler, num_workers=cfg.data.loader_workers, pin_memory=d.use_gpu)
 
-    state = {"epoch": 0, "step": 0, "best_r1": -1.0, "best_epoch": None}
+    # last_val: every report carries the latest validation metrics (Tune and ASHA need the
+    # metric in each result); 0 before the first validation.
+    state = {"epoch": 0, "step": 0, "best_r1": -1.0, "best_epoch": None, "last_val": {"val/R1": 0.0}}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as cdir:
@@ -357,11 +359,14 @@ def train_loop(config: dict[str, Any]) -> None:
             res = distributed_evaluate(engine, val_data, tokenizer, cfg, device)
             val = {f"val/{k}": float(res[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
             metrics.update(val)
+            state["last_val"] = val
             if val["val/R1"] > state["best_r1"]:
                 state["best_r1"], state["best_epoch"] = val["val/R1"], epoch_done
             tracker.log({**val, "train/throughput": throughput}, state["step"], kind="val")
+        if not do_eval:
+            metrics.update(state["last_val"])
         if rank == 0:
-            r1 = f"{metrics['val/R1']:.2f}" if "val/R1" in metrics else "-"
+            r1 = f"{metrics['val/R1']:.2f}" if do_eval else "-"
             print(
                 f"[tpr] epoch {epoch_done}/{cfg.train.epochs} step {state['step']} "
                 f"loss {float(total.detach()):.4f} {throughput:.1f} samples/s val/R1 {r1}",
@@ -393,7 +398,7 @@ def train_loop(config: dict[str, Any]) -> None:
     probe = _probe_embeddings(engine, test_data, tokenizer, cfg, device)
     state_dict = _consolidated_state_dict(engine, d.zero_stage)
     out: dict[str, Any] = {
-        **final, "best/epoch": best_metrics.get("epoch"), "best/val_R1": best_metrics.get("val/R1"),
+        **state["last_val"], "epoch": state["epoch"], **final, "best/epoch": best_metrics.get("epoch"), "best/val_R1": best_metrics.get("val/R1"),
         "model_dir": config["model_dir"], "mlflow_run_id": tracker.run_id or "",
     }
     if rank == 0:

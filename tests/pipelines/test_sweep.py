@@ -1,0 +1,132 @@
+"""tpr sweep on CPU: real Ray Tune over real Ray Train + DeepSpeed trials, real MLflow."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipelines.conftest import REPO, tiny_overrides
+from tpr_core.config import ConfigError, load_config
+
+SPACE = REPO / "tune_spaces" / "fmfa_demo.yaml"
+
+
+def _cfg(synth_data, **extra):
+    base = dict(distributed__num_workers=1, train__epochs=3, train__eval_every=1, train__checkpoint_every=1,
+                train__max_steps_per_epoch=2, data__batch_size=16, train__log_every=1)
+    base.update(extra)
+    return load_config(REPO / "pipelines/configs/fmfa_synthetic_tiny.yaml", tiny_overrides(synth_data, **base))
+
+
+def _write_space(tmp_path, params, **top):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({"metric": "val/R1", "mode": "max", **top, "params": params}))
+    return p
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"loss.weights.efa_typo": {"uniform": [0, 1]}}, "loss.weights.efa_typo"),
+        ({"loss.nope": {"uniform": [0, 1]}}, "unknown config key 'loss.nope'"),
+        ({"loss.mlm_mask_ratio": {"gaussian": [0, 1]}}, "unknown distribution 'gaussian'"),
+        ({"loss.mlm_mask_ratio": {"uniform": [0.1, 1.5]}}, "loss.mlm_mask_ratio"),
+        ({"loss.a_sdm_alpha": {"loguniform": [0, 10]}}, "positive low bound"),
+        ({"distributed.zero_stage": {"randint": [0, 5]}}, "distributed.zero_stage"),
+        ({"data.sampler": {"choice": ["random", "shuffled"]}}, "data.sampler"),
+        ({"loss.weights.efa": {"uniform": [2, 1]}}, "low < high"),
+    ],
+)
+def test_invalid_space_is_refused_before_anything_starts(synth_data, tmp_path, params, needle):
+    from pipelines.sweep import sweep
+
+    space = _write_space(tmp_path, params)
+    with pytest.raises(ConfigError) as e:
+        sweep(_cfg(synth_data), space, runs_dir=tmp_path / "runs", name="bad")
+    assert needle in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_top_level_key_in_space(synth_data, tmp_path):
+    from pipelines.space import load_space
+
+    space = _write_space(tmp_path, {"loss.weights.efa": {"uniform": [0, 1]}}, schedular={"type": "asha"})
+    with pytest.raises(ConfigError, match="schedular: unknown key"):
+        load_space(space, _cfg(synth_data))
+
+
+def test_shipped_spaces_validate():
+    from pipelines.space import load_space
+
+    for method in ("irra", "fmfa", "uit", "ivt"):
+        space = load_space(REPO / f"tune_spaces/{method}.yaml", load_config(REPO / f"pipelines/configs/{method}_cuhk_base.yaml"))
+        assert space.params
+    load_space(SPACE, load_config(REPO / "pipelines/configs/fmfa_synthetic_tiny.yaml"))
+
+
+@pytest.mark.slow
+def test_four_trial_asha_sweep_logs_parent_and_children(ray_local, synth_data, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.sweep import BEST_TRIAL_TAG, sweep
+    from pipelines.tracking import tracking_server
+
+    out = sweep(_cfg(synth_data), SPACE, runs_dir=tmp_path, samples=4, max_concurrent=2, name="sw")
+    assert len(out["trials"]) == 4
+    assert out["best_metric"] >= max(r["best_val/R1"] for r in out["trials"] if r["status"] == "DONE")
+    assert set(out["best_params"]) == {"loss.weights.a_sdm", "loss.weights.efa", "loss.weights.id"}
+    with tracking_server(tmp_path) as uri:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("tpr-synthetic")
+        parent = client.get_run(out["parent_run_id"])
+        children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert len(children) == 4
+        assert parent.data.tags[BEST_TRIAL_TAG] in {c.info.run_id for c in children}
+        assert parent.data.metrics["best/val/R1"] == pytest.approx(out["best_metric"])
+        assert parent.data.params["space.search"] == "optuna"
+        arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"trials.csv", "best_config.yaml", "model", "pictures"} <= arts
+        for c in children:
+            assert "train/loss" in c.data.metrics and "loss.weights.efa" in c.data.params
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_with_one_child_per_trial(synth_data, tmp_path):
+    """The sweep driver is killed mid-way (SIGKILL), then `--resume` finishes it."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import tracking_server
+
+    over = tiny_overrides(synth_data, distributed__num_workers=1, train__epochs=3, train__eval_every=1,
+                          train__checkpoint_every=1, train__max_steps_per_epoch=2, data__batch_size=16)
+    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", str(REPO / "pipelines/configs/fmfa_synthetic_tiny.yaml"),
+           *over, "--space", str(SPACE), "--samples", "2", "--max-concurrent", "2", "--name", "rs",
+           "--runs-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    # kill once the first checkpoint of a trial exists
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((tmp_path / "ray").glob("rs-t*/epoch-0001")):
+        time.sleep(2)
+    assert list((tmp_path / "ray").glob("rs-t*/epoch-0001")), "no trial checkpoint appeared"
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # what a dead driver leaves behind
+    r = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with tracking_server(tmp_path) as uri:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("tpr-synthetic")
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`tpr.run_key` = 'sweep:rs'")
+        assert len(parents) == 1
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+        )
+        keys = [c.data.tags["tpr.run_key"] for c in children]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 2, keys
