@@ -1,0 +1,126 @@
+"""The registered retrieval model, defined from code (MLflow "models from code").
+
+MLflow copies this file into the model and runs it at load time; the object handed to
+``mlflow.models.set_model`` below is the model. Nothing is pickled: the weights are
+safetensors, and the rest is YAML, JSON and Parquet.
+
+Artifacts (``context.artifacts``)
+    ``model``    an exported model folder (``tpr_core.export``): weights, config, tokenizer.
+    ``gallery``  the gallery index, a Parquet file with one row per gallery image:
+                 ``image_id`` int64, ``image_path`` string, ``pid`` int64 (split-local),
+                 ``orig_id`` int64 (the dataset's person id), ``embedding``
+                 fixed_size_list<float32>[D] (L2-normalised image feature).
+
+Input
+    A DataFrame with a ``text`` column (one query per row); params ``{"top_k": int}``
+    (default 10, capped at the gallery size).
+
+Output
+    One row per query, which serialises cleanly through ``/invocations`` as
+    ``{"predictions": [{"text": ..., "image_ids": [...], ...}, ...]}``:
+    ``text`` (the query), ``image_ids`` list<int64>, ``image_paths`` list<string>,
+    ``orig_ids`` list<int64>, ``scores`` list<float64> (cosine similarity), best first.
+    Ties are ordered by gallery position, as in ``tpr_core.eval.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+DEFAULT_TOP_K = 10
+_TEXT_BATCH = 256
+
+
+class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
+    """Text -> top-k gallery images of a trained text-based person retrieval model."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the exported model and the gallery index from the model's artifacts."""
+        import pyarrow.parquet as pq
+        import torch
+
+        from tpr_core.export import load_exported
+
+        self._exported = load_exported(context.artifacts["model"], device="cpu")
+        table = pq.read_table(context.artifacts["gallery"])
+        emb = table.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        self._gallery = torch.from_numpy(flat.reshape(len(table), dim).copy())  # (G, D)
+        self._image_ids = table.column("image_id").to_numpy()
+        self._image_paths = np.asarray(table.column("image_path").to_pylist(), dtype=object)
+        self._orig_ids = table.column("orig_id").to_numpy()
+        meta = (table.schema.metadata or {}).get(b"tpr.gallery")
+        self.gallery_info = json.loads(meta) if meta else {}
+
+    @property
+    def cfg(self) -> Any:
+        """The resolved training config of the served model."""
+        return self._exported.cfg
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """Rank the gallery for every query text.
+
+        Args:
+            context: MLflow's model context (unused after loading).
+            model_input: DataFrame with a ``text`` column (a list of strings is accepted too).
+            params: ``{"top_k": int}``.
+
+        Returns:
+            One row per query: ``text``, ``image_ids``, ``image_paths``, ``orig_ids``, ``scores``.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if isinstance(model_input, pd.DataFrame):
+            if "text" not in model_input.columns:
+                raise ValueError(
+                    f"model input: field 'text' missing; columns are {list(model_input.columns)}"
+                )
+            texts = [str(t) for t in model_input["text"].tolist()]
+        elif isinstance(model_input, (list, tuple)):
+            texts = [str(t) for t in model_input]
+        else:
+            raise ValueError(
+                f"model input must be a DataFrame with a 'text' column, got {type(model_input).__name__}"
+            )
+        top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        if top_k < 1:
+            raise ValueError(f"param top_k must be >= 1, got {top_k}")
+        k = min(top_k, self._gallery.shape[0])
+
+        model, tok, cfg = self._exported.model, self._exported.tokenizer, self._exported.cfg
+        feats = []
+        with torch.no_grad():
+            for s in range(0, len(texts), _TEXT_BATCH):
+                ids, mask = tok.encode(texts[s : s + _TEXT_BATCH], cfg.model.text_length)  # (B, L)
+                feats.append(model.encode_text(ids, mask).float())  # (B, D)
+        rows = []
+        if texts:
+            q = F.normalize(torch.cat(feats), dim=1)  # (Q, D)
+            scores = q @ self._gallery.t()  # (Q, G)
+            # Stable sort on -score: equal scores keep gallery order (lower index first).
+            order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # (Q, k)
+            top = torch.gather(scores, 1, order)
+            for i, text in enumerate(texts):
+                idx = order[i].numpy()
+                rows.append(
+                    {
+                        "text": text,
+                        "image_ids": [int(x) for x in self._image_ids[idx]],
+                        "image_paths": [str(x) for x in self._image_paths[idx]],
+                        "orig_ids": [int(x) for x in self._orig_ids[idx]],
+                        "scores": [float(x) for x in top[i].tolist()],
+                    }
+                )
+        return pd.DataFrame(rows, columns=["text", "image_ids", "image_paths", "orig_ids", "scores"])
+
+
+mlflow.models.set_model(TPRRetrievalModel())

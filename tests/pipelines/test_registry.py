@@ -1,0 +1,297 @@
+"""Model registry against a real MLflow server (SQLite store on a temp dir) and real tiny models.
+
+The promotion gate sees an untrained and a trained model whose quality differs for real
+(see ``registry_fixtures``); the same model registered twice gives exactly equal metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines import registry, tracking  # noqa: E402
+from tests.pipelines import registry_fixtures as fx  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "margin", "decision"),
+    [
+        (50.0, None, 0.0, "promoted"),  # first version
+        (50.0, 40.0, 0.0, "promoted"),
+        (40.0, 40.0, 0.0, "kept"),  # a tie keeps the champion
+        (39.9, 40.0, 0.0, "kept"),
+        (42.0, 40.0, 2.0, "kept"),  # a gain of exactly the margin is not enough
+        (42.5, 40.0, 2.0, "promoted"),
+    ],
+)
+def test_gate_decision(challenger, champion, margin, decision):
+    got, reason = registry.gate_decision(challenger, champion, margin, "val", "7")
+    assert got == decision
+    if champion is not None:
+        assert "champion v7" in reason and f"{challenger:.2f}" in reason
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The real tracking server shared with test_serving (started once per test process)."""
+    with fx.tracking_uri() as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def runs(server):
+    return {kind: fx.log_training_run(kind) for kind in ("untrained", "trained")}
+
+
+def _aliases(name: str) -> dict[str, str]:
+    rm = mlflow.MlflowClient().get_registered_model(name)
+    return {a: str(v) for a, v in rm.aliases.items()}
+
+
+@pytest.fixture(scope="module")
+def history(runs):
+    """One model through the whole life cycle; the aliases are recorded after every step."""
+    name = "gate"
+    steps = []
+    plan = [
+        ("first", "untrained", 0.0),
+        ("blocked", "trained", 100.0),  # R1 cannot gain more than 100 points
+        ("better", "trained", 0.0),
+        ("worse", "untrained", 0.0),
+        ("equal", "trained", 0.0),
+    ]
+    for label, kind, margin in plan:
+        res = registry.promote(name, run_id=runs[kind], margin=margin)
+        steps.append((label, res, _aliases(name)))
+    rb = registry.rollback(name)
+    steps.append(("rollback", rb, _aliases(name)))
+    return {label: (res, aliases) for label, res, aliases in steps}
+
+
+def test_first_version_becomes_champion(history):
+    res, aliases = history["first"]
+    assert (res.version, res.decision, res.exit_code) == ("1", "promoted", 0)
+    assert res.champion_metrics is None and res.compared_with is None
+    assert aliases == {"champion": "1", "challenger": "1"}
+
+
+def test_margin_blocks_a_gain_not_above_it(history):
+    res, aliases = history["blocked"]
+    assert (res.version, res.decision, res.exit_code) == ("2", "kept", registry.EXIT_KEPT)
+    assert res.challenger_metrics["R1"] > res.champion_metrics["R1"]  # better, but not by 100 points
+    assert aliases == {"champion": "1", "challenger": "2"}
+
+
+def test_better_is_promoted(history):
+    res, aliases = history["better"]
+    assert (res.version, res.decision, res.exit_code) == ("3", "promoted", 0)
+    assert res.compared_with == "1"
+    assert res.challenger_metrics["R1"] > res.champion_metrics["R1"]
+    assert aliases == {"champion": "3", "challenger": "3", "previous-champion": "1"}
+
+
+def test_worse_is_kept(history):
+    res, aliases = history["worse"]
+    assert (res.version, res.decision, res.exit_code) == ("4", "kept", registry.EXIT_KEPT)
+    assert res.compared_with == "3"
+    assert res.challenger_metrics["R1"] < res.champion_metrics["R1"]
+    assert aliases == {"champion": "3", "challenger": "4", "previous-champion": "1"}
+
+
+def test_equal_is_kept(history):
+    res, aliases = history["equal"]
+    assert (res.version, res.decision) == ("5", "kept")
+    # The same exported weights, evaluated twice on the same split: exactly the same numbers.
+    assert res.challenger_metrics == res.champion_metrics
+    assert aliases == {"champion": "3", "challenger": "5", "previous-champion": "1"}
+
+
+def test_decision_written_on_version(history, runs):
+    client = mlflow.MlflowClient()
+    res, _ = history["worse"]
+    mv = client.get_model_version("gate", res.version)
+    tags = mv.tags
+    assert tags["tpr.decision"] == "kept"
+    assert tags["tpr.source_run_id"] == runs["untrained"]
+    assert tags["tpr.method"] == "irra"
+    assert tags["tpr.dataset_manifest_hash"] == "fixture"
+    assert tags["tpr.git_commit"] == "0" * 40
+    assert tags["tpr.compared_with"] == "3"
+    assert float(tags["tpr.challenger.R1"]) == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
+    assert float(tags["tpr.champion.R1"]) == pytest.approx(res.champion_metrics["R1"], abs=1e-4)
+    assert "tpr.metric.val/R1" in tags
+    assert mv.description.startswith("Decision: kept")
+    assert "Champion v3" in mv.description
+    promoted = client.get_model_version("gate", "3")
+    assert promoted.tags["tpr.promoted_over"] == "1"
+
+
+def test_registered_model_reproduces_run_metrics(history):
+    """The version's re-evaluation on the run's split equals the metrics the run logged."""
+    res, _ = history["better"]
+    run = mlflow.MlflowClient().get_run(res.source_run_id)
+    for k in registry.REPORTED_METRICS:
+        assert res.challenger_metrics[k] == pytest.approx(run.data.metrics[f"val/{k}"], abs=1e-4), k
+
+
+def test_rollback(history):
+    rb, aliases = history["rollback"]
+    assert (rb.from_version, rb.to_version, rb.previous_champion) == ("3", "1", None)
+    assert aliases == {"champion": "1", "challenger": "5"}
+    v1 = mlflow.MlflowClient().get_model_version("gate", "1")
+    assert v1.tags["tpr.decision"] == "rollback" and v1.tags["tpr.rollback.from_version"] == "3"
+    assert "Rollback" in v1.description
+    with pytest.raises(registry.RegistryError, match="previous-champion"):
+        registry.rollback("gate")
+
+
+def test_sweep_resolves_best_trial(runs):
+    client = mlflow.MlflowClient()
+    sweep = tracking.start_or_resume_run("tpr-registry-tests", "sweep-1", run_name="sweep")
+    client.set_tag(sweep, registry.BEST_TRIAL_TAG, runs["trained"])
+    assert registry.resolve_source_run(sweep_run_id=sweep) == runs["trained"]
+    bare = tracking.start_or_resume_run("tpr-registry-tests", "sweep-2", run_name="sweep")
+    with pytest.raises(registry.RegistryError, match=registry.BEST_TRIAL_TAG):
+        registry.resolve_source_run(sweep_run_id=bare)
+    with pytest.raises(registry.RegistryError, match="exactly one"):
+        registry.resolve_source_run(run_id="a", sweep_run_id="b")
+
+
+def test_lock_is_mutually_exclusive(server):
+    """Read-modify-write of a counter under the lock from 4 threads loses no update."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model("counter", tags={"n": "0"})
+    errors = []
+
+    def bump(times: int) -> None:
+        try:
+            for _ in range(times):
+                with registry.PromotionLock("counter", poll_s=0.05):
+                    n = int(client.get_registered_model("counter").tags["n"])
+                    client.set_registered_model_tag("counter", "n", str(n + 1))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=bump, args=(5,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert client.get_registered_model("counter").tags["n"] == "20"
+    # Released: the lock model is gone.
+    names = {m.name for m in client.search_registered_models()}
+    assert "counter" + registry.LOCK_SUFFIX not in names
+
+
+def test_lock_timeout_and_stale_lock(server):
+    holder = registry.PromotionLock("stale", ttl_s=3600)
+    holder.acquire()
+    try:
+        with pytest.raises(registry.PromotionLockTimeout, match="held by"):
+            registry.PromotionLock("stale", timeout_s=0.5, poll_s=0.05).acquire()
+    finally:
+        holder.release()
+    # A lock whose holder died (its TTL passed) is broken by the next one.
+    dead = registry.PromotionLock("stale", ttl_s=0.0)
+    dead.acquire()  # never released
+    with registry.PromotionLock("stale", timeout_s=10, poll_s=0.05) as lk:
+        owner = (
+            mlflow.MlflowClient().get_registered_model("stale" + registry.LOCK_SUFFIX).tags["tpr.lock.owner"]
+        )
+        assert owner == lk.owner
+
+
+def test_concurrent_promotions_keep_aliases_consistent(runs):
+    """Two equally good challengers at once: exactly one is promoted over v1, the other is kept
+    against it; without the lock both would read v1 as champion and both be promoted."""
+    name = "race"
+    registry.promote(name, run_id=runs["untrained"])
+    results, errors = [], []
+
+    def go() -> None:
+        try:
+            results.append(registry.promote(name, run_id=runs["trained"]))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 2
+    promoted = [r for r in results if r.decision == "promoted"]
+    kept = [r for r in results if r.decision == "kept"]
+    assert len(promoted) == 1 and len(kept) == 1
+    assert promoted[0].compared_with == "1"
+    assert kept[0].compared_with == promoted[0].version
+    aliases = _aliases(name)
+    assert aliases["champion"] == promoted[0].version
+    assert aliases["previous-champion"] == "1"
+    assert aliases["challenger"] in {r.version for r in results}
+
+
+def test_cli_promote_evaluate_rollback(runs, tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from pipelines import registry_cli
+
+    app = typer.Typer()
+    registry_cli.register(app)
+    cli = CliRunner()
+    sweep = tracking.start_or_resume_run("tpr-registry-tests", "sweep-cli", run_name="sweep")
+    mlflow.MlflowClient().set_tag(sweep, registry.BEST_TRIAL_TAG, runs["trained"])
+
+    first = cli.invoke(app, ["promote", "--model-name", "cli", "--sweep", sweep])
+    assert first.exit_code == 0, first.output
+    assert "promoted" in first.output and "first version" in first.output
+    kept = cli.invoke(app, ["promote", "--model-name", "cli", "--run", runs["untrained"], "--split", "val"])
+    assert kept.exit_code == registry.EXIT_KEPT, kept.output
+    assert "kept" in kept.output
+    both = cli.invoke(app, ["promote", "--model-name", "cli", "--run", "a", "--sweep", "b"])
+    assert both.exit_code == 2
+
+    # evaluate the champion: the numbers the training run logged, plus the pictures.
+    out = tmp_path / "eval"
+    ev = cli.invoke(app, ["evaluate", "--model", "models:/cli@champion", "--split", "val", "--out", str(out)])
+    assert ev.exit_code == 0, ev.output
+    got = json.loads((out / "metrics.json").read_text())
+    logged = mlflow.MlflowClient().get_run(runs["trained"]).data.metrics
+    assert got["R1"] == pytest.approx(logged["val/R1"], abs=1e-4)
+    for png in ("retrieval_grid.png", "recall_at_k.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    ck = cli.invoke(app, ["evaluate", "--checkpoint", fx.exported_model("untrained"), "--split", "val"])
+    assert ck.exit_code == 0 and "R1" in ck.output
+
+    rb = cli.invoke(app, ["rollback", "--model-name", "cli"])
+    assert rb.exit_code == 2 and "previous-champion" in rb.output
+
+
+def test_rollback_walks_the_promotion_chain(runs):
+    """v1 <- v2 <- v3 (each promoted over the previous): rollbacks go 3 -> 2 -> 1, then stop."""
+    client = mlflow.MlflowClient()
+    name = "chain"
+    client.create_registered_model(name)
+    for v in ("1", "2", "3"):
+        tags = {"tpr.promoted_over": str(int(v) - 1)} if v != "1" else {}
+        mv = client.create_model_version(name, f"runs:/{runs['trained']}/model", runs["trained"], tags=tags)
+        assert str(mv.version) == v
+    client.set_registered_model_alias(name, registry.CHAMPION, "3")
+    client.set_registered_model_alias(name, registry.PREVIOUS, "2")
+
+    first = registry.rollback(name)
+    assert (first.from_version, first.to_version, first.previous_champion) == ("3", "2", "1")
+    assert _aliases(name) == {"champion": "2", "previous-champion": "1"}
+    second = registry.rollback(name)
+    assert (second.from_version, second.to_version, second.previous_champion) == ("2", "1", None)
+    assert _aliases(name) == {"champion": "1"}
+    assert client.get_model_version(name, "3").tags["tpr.rolled_back"]
+    with pytest.raises(registry.RegistryError):
+        registry.rollback(name)

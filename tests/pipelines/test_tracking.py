@@ -1,0 +1,218 @@
+"""The embedded MLflow tracking server and the run helpers, against a real server on loopback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines import tracking  # noqa: E402
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server for the whole module (startup costs seconds)."""
+    runs = tmp_path_factory.mktemp("runs")
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with tracking.tracking_server(runs) as uri:
+            yield uri, runs
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_server_layout_and_env(server):
+    uri, runs = server
+    assert uri.startswith("http://127.0.0.1:")
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert (runs / "mlflow" / "mlflow.db").is_file()
+    assert (runs / "mlflow" / "server.log").is_file()
+    # Artifacts go through the proxy into runs/mlflow/artifacts.
+    run_id = tracking.start_or_resume_run("layout", "layout-key", run_name="layout")
+    f = runs / "hello.txt"
+    f.write_text("hi")
+    tracking.log_artifact(run_id, f, "notes")
+    stored = list((runs / "mlflow" / "artifacts").rglob("hello.txt"))
+    assert len(stored) == 1 and stored[0].read_text() == "hi"
+    assert mlflow.MlflowClient().get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+
+def test_start_or_resume_same_key_same_run(server):
+    first = tracking.start_or_resume_run("resume", "job-1", run_name="a", tags={"x": "1"})
+    tracking.set_terminated(first, "FAILED")
+    again = tracking.start_or_resume_run("resume", "job-1", run_name="a")
+    other = tracking.start_or_resume_run("resume", "job-2", run_name="b")
+    assert again == first
+    assert other != first
+    run = mlflow.MlflowClient().get_run(first)
+    assert run.info.status == "RUNNING"  # resumed
+    assert run.data.tags[tracking.RUN_KEY_TAG] == "job-1"
+    assert run.data.tags["x"] == "1"
+
+
+def test_child_run_has_parent_tag(server):
+    parent = tracking.start_or_resume_run("nested", "sweep-1")
+    child = tracking.start_or_resume_run("nested", "trial-1", parent_run_id=parent)
+    assert mlflow.MlflowClient().get_run(child).data.tags[tracking.PARENT_RUN_TAG] == parent
+
+
+def test_params_flat_idempotent_and_conflict(server):
+    run_id = tracking.start_or_resume_run("params", "p-1")
+    params = {"optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "method": "irra", "long": "x" * 7000}
+    assert tracking.log_params_flat(run_id, params) == 4
+    # Resume: same values are skipped, nothing is sent.
+    assert tracking.log_params_flat(run_id, params) == 0
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    assert logged["optim.lr"] == "0.001"
+    assert logged["optim.betas"] == "[0.9, 0.999]"
+    assert len(logged["long"]) == 6000 and logged["long"].endswith("[truncated]")
+    with pytest.raises(ValueError, match="optim.lr"):
+        tracking.log_params_flat(run_id, {"optim.lr": 0.5})
+
+
+def test_metrics_steps_roundtrip(server):
+    run_id = tracking.start_or_resume_run("metrics", "m-1")
+    assert tracking.last_logged_step(run_id, "train/loss") is None
+    for step in range(5):
+        tracking.log_metrics(run_id, {"train/loss": 10.0 - step, "val/R1": step * 2.5}, step=step)
+    hist = sorted(mlflow.MlflowClient().get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(s, 10.0 - s) for s in range(5)]
+    assert tracking.last_logged_step(run_id, "val/R1") == 4
+
+
+def _hammer(uri: str, run_id: str, worker: int, n: int, queue) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        for step in range(n):
+            tracking.log_metrics(
+                run_id, {f"w{worker}/a": float(step), f"w{worker}/b": -float(step)}, step=step
+            )
+        queue.put((worker, None))
+    except Exception as e:  # reported to the parent, which fails the test with it
+        queue.put((worker, repr(e)))
+
+
+def test_two_processes_log_concurrently(server):
+    uri, _ = server
+    run_id = tracking.start_or_resume_run("concurrent", "c-1")
+    # fork: the children start with mlflow already imported (Ray workers are separate processes too).
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    n = 50
+    procs = [ctx.Process(target=_hammer, args=(uri, run_id, w, n, queue)) for w in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert all(err is None for _, err in results), results
+    client = mlflow.MlflowClient()
+    for w in range(2):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, f"w{w}/a"))
+        assert steps == list(range(n))
+        assert sorted(m.value for m in client.get_metric_history(run_id, f"w{w}/b")) == sorted(
+            -float(s) for s in range(n)
+        )
+
+
+def test_env_uri_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:1234")
+    with tracking.tracking_server(tmp_path) as uri:
+        assert uri == "http://example.invalid:1234"
+    assert not (tmp_path / "mlflow").exists()  # nothing was started or created
+
+
+def test_store_uri_for_ui(tmp_path):
+    cmd = tracking.store_uri_for_ui(tmp_path)
+    assert cmd.startswith("mlflow ui --backend-store-uri sqlite:////")
+    assert str(tmp_path.resolve() / "mlflow" / "mlflow.db") in cmd
+
+
+def test_server_stops_cleanly_even_on_exception(tmp_path, monkeypatch):
+    """Start, log, raise: the env var is restored, the port is closed, the process group is gone."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RuntimeError, match="boom"), tracking.tracking_server(tmp_path) as uri:
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri
+        run_id = tracking.start_or_resume_run("stop", "s-1")
+        tracking.log_metrics(run_id, {"x": 1.0}, step=3)
+        assert tracking.last_logged_step(run_id, "x") == 3
+        assert "--workers 1" in (tmp_path / "mlflow" / "server.log").read_text()
+        pgids = {os.getpgid(int(p)) for p in _pids_listening(uri)}
+        assert pgids and os.getpgrp() not in pgids  # the server runs in its own group
+        raise RuntimeError("boom")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not _port_open(uri)
+    for pgid in pgids:
+        assert not _group_alive(pgid)
+
+
+def test_server_timeout_error_names_log(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(tracking.TrackingServerError, match="server.log") as err:
+        with tracking.tracking_server(tmp_path, timeout_s=0.01):
+            pass
+    assert "did not answer" in str(err.value)
+    assert "=== tpr: starting" in str(err.value)  # the log tail is in the message
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+@pytest.mark.slow
+def test_restart_on_same_store_resumes_run(tmp_path, monkeypatch):
+    """A later command on the same run directory finds the same run and its metrics."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.tracking_server(tmp_path):
+        run_id = tracking.start_or_resume_run("restart", "r-1")
+        tracking.log_metrics(run_id, {"x": 1.0}, step=3)
+        tracking.set_terminated(run_id, "KILLED")
+    with tracking.tracking_server(tmp_path):
+        assert tracking.start_or_resume_run("restart", "r-1") == run_id
+        assert tracking.last_logged_step(run_id, "x") == 3
+
+
+def _pids_listening(uri: str) -> list[str]:
+    """Pids whose open sockets listen on the server's port (read from /proc, Linux)."""
+    port = int(uri.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            local, state, inode = parts[1], parts[3], parts[9]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                inodes.add(inode)
+    pids = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    pids.append(pid_dir.name)
+                    break
+        except OSError:
+            continue
+    assert pids, f"no process listens on {uri}"
+    return pids

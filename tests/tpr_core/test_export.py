@@ -1,0 +1,156 @@
+"""The consolidated model folder: round trip per method, atomic writes, integrity and no unpickling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpr_core import export
+from tpr_core.config import load_config
+from tpr_core.data.tokenizer import Tokenizer
+from tpr_core.models import build_method, known_methods
+
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+CAPTIONS = ["a man in a red coat with a black backpack", "a woman in blue jeans carrying a white bag"] * 8
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _make(method: str, seed: int = 0):
+    cfg = load_config(CONFIGS / f"{method}_synthetic_tiny.yaml")
+    tok = Tokenizer.train(CAPTIONS, vocab_size=300, max_length=cfg.model.text_length)
+    torch.manual_seed(seed)
+    model = build_method(cfg, 7, tok).eval()
+    return cfg, tok, model
+
+
+def _inputs(cfg, tok):
+    h, w = cfg.model.image_size
+    images = torch.linspace(-1, 1, 2 * 3 * h * w).reshape(2, 3, h, w)  # (B, 3, H, W)
+    ids, mask = tok.encode(CAPTIONS[:2], cfg.model.text_length)  # (B, L)
+    return images, ids, mask
+
+
+@pytest.mark.parametrize("method", known_methods())
+def test_roundtrip_reproduces_weights_and_features(tmp_path, method):
+    cfg, tok, model = _make(method)
+    metrics = {"val/R1": 12.5, "val/mAP": 10.0}
+    out = export.save_exported(
+        tmp_path / "m", model.state_dict(), cfg, tok, metrics, 7, extra={"dataset_manifest_hash": "abc123"}
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "config.yaml", "tokenizer", "metrics.json", "export.json"]
+    )
+    # A differently seeded build proves the weights come from the file, not from the seed.
+    torch.manual_seed(123)
+    loaded = export.load_exported(out)
+    assert not loaded.model.training
+    assert loaded.cfg == cfg
+    assert loaded.metrics == metrics
+    assert loaded.info["method"] == method and loaded.info["num_classes"] == 7
+    assert loaded.info["dataset_manifest_hash"] == "abc123"
+    assert loaded.info["format_version"] == export.FORMAT_VERSION
+    original = model.state_dict()
+    restored = loaded.model.state_dict()
+    assert original.keys() == restored.keys()
+    for k in original:
+        assert torch.equal(original[k], restored[k]), k
+    images, ids, mask = _inputs(cfg, tok)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), loaded.model.encode_image(images))
+        assert torch.equal(model.encode_text(ids, mask), loaded.model.encode_text(ids, mask))
+    assert loaded.tokenizer.encode(CAPTIONS[:1], 20)[0].tolist() == tok.encode(CAPTIONS[:1], 20)[0].tolist()
+
+
+def test_info_counts(tmp_path):
+    cfg, tok, model = _make("irra")
+    sd = model.state_dict()
+    export.save_exported(tmp_path / "m", sd, cfg, tok, {}, 7, extra={"git_commit": "deadbeef"})
+    info = json.loads((tmp_path / "m" / "export.json").read_text())
+    assert info["num_tensors"] == len(sd)
+    assert info["num_parameters"] == sum(t.numel() for t in sd.values())
+    assert info["extra"] == {"git_commit": "deadbeef"}
+    assert info["dataset_manifest_hash"] is None
+
+
+def test_overwrite_is_atomic_and_failed_write_keeps_old(tmp_path):
+    cfg, tok, model = _make("irra")
+    export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {"val/R1": 1.0}, 7)
+    export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {"val/R1": 2.0}, 7)
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == {"val/R1": 2.0}
+    bad = dict(model.state_dict())
+    bad["not_a_tensor"] = 3
+    with pytest.raises(export.ExportError, match="not_a_tensor"):
+        export.save_exported(tmp_path / "m", bad, cfg, tok, {"val/R1": 3.0}, 7)
+    # The previous folder is untouched and no temporary folder is left behind.
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == {"val/R1": 2.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_shared_storage_tensors_are_saved(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, tok, _ = _make("irra")
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    export.save_exported(tmp_path / "m", {"a": w, "b": w, "c": w.t()}, cfg, tok, {}, 7)
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert torch.equal(got["a"], w) and torch.equal(got["b"], w) and torch.equal(got["c"], w.t())
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    cfg, tok, model = _make("irra")
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {}, 7)
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(export.ExportError, match="SHA-256"):
+        export.load_exported(out)
+
+
+def test_mismatched_state_dict_names_keys(tmp_path):
+    cfg, tok, model = _make("irra")
+    sd = dict(model.state_dict())
+    dropped = next(iter(sd))
+    del sd[dropped]
+    sd["surplus.weight"] = torch.zeros(1)
+    out = export.save_exported(tmp_path / "m", sd, cfg, tok, {}, 7)
+    with pytest.raises(export.ExportError) as err:
+        export.load_exported(out)
+    assert dropped in str(err.value) and "surplus.weight" in str(err.value)
+
+
+def test_format_errors_name_file_and_field(tmp_path):
+    cfg, tok, model = _make("irra")
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {}, 7)
+    info = json.loads((out / "export.json").read_text())
+    info["format_version"] = export.FORMAT_VERSION + 1
+    (out / "export.json").write_text(json.dumps(info))
+    with pytest.raises(export.ExportError, match=r"export\.json.*format_version"):
+        export.load_exported(out)
+    with pytest.raises(export.ExportError, match="missing"):
+        export.load_exported(tmp_path / "nowhere")
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    import pickle
+
+    cfg, tok, model = _make("uit")
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {}, 7)
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(torch, "load", tripwire)
+    monkeypatch.setattr(pickle, "load", tripwire)
+    monkeypatch.setattr(pickle, "loads", tripwire)
+    loaded = export.load_exported(out)
+    assert loaded.info["method"] == "uit"

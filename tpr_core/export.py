@@ -1,0 +1,256 @@
+"""The consolidated model folder: everything needed to rebuild a trained model, nothing pickled.
+
+Layout (format version 1)::
+
+    <out_dir>/
+        model.safetensors   the full state dict (CPU, contiguous; safetensors, never pickle)
+        config.yaml         the resolved ExperimentConfig (``tpr_core.config.dump_config``)
+        tokenizer/          ``Tokenizer.save`` output (tokenizer.json + tpr_tokenizer.json)
+        metrics.json        metrics of the exported weights, e.g. {"val/R1": 41.2, ...}
+        export.json         {"format": "tpr-export", "format_version": 1, "method", "num_classes",
+                             "dataset_manifest_hash", "weights_sha256", "num_tensors",
+                             "num_parameters", "created", "extra": {...}}
+
+``extra`` is free-form JSON given by the writer; keys the pipelines read are
+``dataset_manifest_hash`` (or ``manifest_hash``; copied to the top level), ``git_commit``
+and ``run_name``.
+
+The folder is written into a temporary sibling and renamed into place, so a reader never
+sees half a model. Loading rebuilds the module with ``build_method`` and fills it with
+``safetensors.torch.load_file``; the weights file is checked against its recorded SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from tpr_core.config import ExperimentConfig, config_from_dict, dump_config
+
+FORMAT_NAME = "tpr-export"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.json"
+INFO_FILE = "export.json"
+
+
+class ExportError(ValueError):
+    """An exported model folder that cannot be written or read; the message names the file and field."""
+
+
+@dataclass
+class Exported:
+    """A loaded model folder.
+
+    Attributes:
+        model: the method module, weights loaded, in eval mode, on the requested device.
+        tokenizer: the tokenizer saved with it.
+        cfg: the resolved config it was trained with.
+        metrics: ``metrics.json``.
+        info: ``export.json``.
+        path: the folder it was read from.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    cfg: ExperimentConfig
+    metrics: dict[str, float]
+    info: dict[str, Any]
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"state_dict[{key!r}] is a {type(t).__name__}, not a tensor")
+        # A private copy: safetensors refuses tensors that share storage (tied weights).
+        out[key] = t.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def save_exported(
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    cfg: ExperimentConfig,
+    tokenizer: Any,
+    metrics: dict[str, float],
+    num_classes: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a consolidated model folder atomically (temporary sibling, then rename).
+
+    An existing folder at ``out_dir`` is replaced.
+
+    Args:
+        out_dir: Destination folder.
+        state_dict: Full (consolidated) state dict of the module ``build_method(cfg, ...)`` builds.
+        cfg: Resolved experiment config.
+        tokenizer: ``tpr_core.data.tokenizer.Tokenizer`` used in training.
+        metrics: Metrics of these weights (e.g. ``{"val/R1": 41.2}``); JSON numbers.
+        num_classes: Identity-classifier size (number of training identities).
+        extra: Free-form JSON metadata (``dataset_manifest_hash``, ``git_commit``, ...).
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = _cpu_tensors(state_dict)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "method": cfg.method})
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        info = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "method": cfg.method,
+            "num_classes": int(num_classes),
+            "dataset_manifest_hash": extra.get("dataset_manifest_hash") or extra.get("manifest_hash"),
+            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+            "num_tensors": len(tensors),
+            "num_parameters": int(sum(t.numel() for t in tensors.values())),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "extra": extra,
+        }
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+        if out.exists():
+            # Directories cannot be replaced in one rename: move the old one aside first.
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    """``export.json`` of a model folder, checked for format name and version."""
+    p = Path(path) / INFO_FILE
+    if not p.is_file():
+        raise ExportError(f"not an exported model folder: {p} is missing")
+    try:
+        info = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p} is not valid JSON: {e}") from None
+    if info.get("format") != FORMAT_NAME:
+        raise ExportError(f"{p}: field 'format' is {info.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ExportError(
+            f"{p}: field 'format_version' is {version!r}; this tpr reads up to {FORMAT_VERSION}"
+        )
+    for field in ("method", "num_classes"):
+        if field not in info:
+            raise ExportError(f"{p}: missing field {field!r}")
+    return info
+
+
+def read_config(path: str | Path) -> ExperimentConfig:
+    """The resolved config of a model folder (validated)."""
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        raise ExportError(f"exported model folder has no config: {p} is missing")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ExportError(f"{p} is not valid YAML: {e}") from None
+    return config_from_dict(tree, str(p))
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Exported:
+    """Rebuild the model of a folder written by :func:`save_exported` (no unpickling).
+
+    Args:
+        path: The model folder.
+        device: Where to put the model.
+
+    Returns:
+        An :class:`Exported` with the model in eval mode.
+
+    Raises:
+        ExportError: A file is missing or malformed, the weights do not match their recorded
+            hash, or the state dict does not fit the rebuilt module (keys named).
+    """
+    from safetensors.torch import load_file
+
+    from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.models import build_method
+
+    root = Path(path)
+    info = read_info(root)
+    cfg = read_config(root)
+    if cfg.method != info["method"]:
+        raise ExportError(
+            f"{root / INFO_FILE}: field 'method' is {info['method']!r} but {root / CONFIG_FILE} says {cfg.method!r}"
+        )
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ExportError(f"exported model folder has no weights: {weights} is missing")
+    want = info.get("weights_sha256")
+    if want and _sha256(weights) != want:
+        raise ExportError(f"{weights}: SHA-256 differs from field 'weights_sha256' of {root / INFO_FILE}")
+    metrics_path = root / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
+
+    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
+        # The pretrained directory gives the tower sizes; its weights are overwritten below.
+        raise ExportError(
+            f"{root / CONFIG_FILE}: field model.pretrained {cfg.model.pretrained!r} is not a directory here; "
+            "the dual encoder's sizes are read from it"
+        )
+    model = build_method(cfg, int(info["num_classes"]), tokenizer)
+    state = load_file(str(weights), device="cpu")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ExportError(f"{weights} does not fit method {cfg.method!r}: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"{weights} does not fit method {cfg.method!r}: missing keys {result.missing_keys[:5]}, "
+            f"unexpected keys {result.unexpected_keys[:5]}"
+        )
+    model.to(device).eval()
+    return Exported(model=model, tokenizer=tokenizer, cfg=cfg, metrics=metrics, info=info, path=root)
