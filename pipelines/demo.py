@@ -88,7 +88,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
         console.print(f"sweep best -> version {p_sweep.version}: {p_sweep.decision}")
         out["promotions"] = [p_base, p_sweep]
 
-        console.rule("[bold]4/4 search: text queries to models:/%s@champion" % model_name)
+        console.rule(f"[bold]4/4 search: text queries to models:/{model_name}@champion")
         pics = []
         queries = _sample_queries(str(data_dir / "raw"), str(data_dir / "parquet"))
         for i, (text, pid) in enumerate(queries):

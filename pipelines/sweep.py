@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tpr_core.config import ExperimentConfig, flatten
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
+from tpr_core.config import ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
 BEST_TRIAL_TAG = "tpr.best_trial_run_id"
@@ -51,7 +51,9 @@ def _trial_key(trial_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", trial_id)
 
 
-def _make_trainable(base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None):
+def _make_trainable(
+    base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None
+):
     """The Tune function trainable (closes over plain data only, so it pickles)."""
 
     def trial(params: dict[str, Any]) -> None:
@@ -65,6 +67,9 @@ def _make_trainable(base: dict[str, Any], runs_dir: str, sweep_name: str, parent
         cfg = trial_config(ExperimentConfig.model_validate(base), params)
         cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
         loop_config["parent_run_id"] = parent_run_id
+        loop_config["tracking_uri"] = tracking_uri
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         loop_config["extra_tags"] = {"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)}
         result = fit(cfg, paths, loop_config, callbacks=[TuneReportCallback()])
         if result.error is not None:
@@ -104,7 +109,7 @@ def sweep(
     exp_dir = f"{tune_storage}/{name}"
     n = samples or space.samples
 
-    with tracking.tracking_server(paths.runs_dir):
+    with tracking.tracking_server(paths.runs_dir) as tracking_uri:
         parent = tracking.start_or_resume_run(
             cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
             tags={"tpr.kind": "sweep", "method": cfg.method},
@@ -117,7 +122,7 @@ def sweep(
         })
         init_ray()
         concurrency = max_concurrent or default_max_concurrent(cfg)
-        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent)
+        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent, tracking_uri)
         # The trial driver only waits on its TorchTrainer: it reserves a token share of a CPU.
         trainable = tune.with_resources(trainable, {"CPU": 0.01})
         if resume:
@@ -242,7 +247,7 @@ def _find_child_run(experiment: str, parent: str, params: dict[str, Any]) -> str
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     want = json.dumps(params, sort_keys=True)
     for r in runs:
         if r.data.tags.get("tpr.trial_params") == want:
@@ -265,7 +270,7 @@ def _metric_vs_params(rows: list[dict], space: SpaceFile, out: Path) -> Path:
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
+    for ax, k in zip(axes.flat, keys, strict=False):
         pts = [(r.get(k), r.get(mkey)) for r in rows if r.get(mkey) is not None]
         xs = [p[0] for p in pts]
         ys = [p[1] for p in pts]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,6 +134,40 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = _SERVER_STOP_GRACE_S) -
         proc.wait(timeout=5.0)
 
 
+def _seed_store(db: Path) -> None:
+    """Start a new store from a copy of an empty, fully migrated one.
+
+    Creating the schema runs MLflow's whole chain of database migrations, tens of seconds on a
+    2-core machine, for every new runs folder (every test, every fresh demo). The empty store
+    is made once per machine and MLflow version under ``~/.cache/tpr`` (``TPR_CACHE_DIR``)
+    and copied, which takes milliseconds; the server then finds the schema current.
+    """
+    if db.exists():
+        return
+    from importlib import metadata
+
+    cache = Path(os.environ.get("TPR_CACHE_DIR", Path.home() / ".cache" / "tpr"))
+    template = cache / f"mlflow-{metadata.version('mlflow')}-empty.db"
+    if not template.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"{template.name}.tmp-{os.getpid()}"
+        code = (
+            "import sys\n"
+            "from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore\n"
+            "from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Registry\n"
+            "SqlAlchemyStore(sys.argv[1], sys.argv[2]); Registry(sys.argv[1])\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, _sqlite_uri(tmp), str(cache / "empty-artifacts")],
+            capture_output=True, text=True, timeout=900,
+        )
+        if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise TrackingServerError(f"could not create an empty MLflow store: {r.stderr[-2000:]}")
+        os.replace(tmp, template)
+    shutil.copyfile(template, db)
+
+
 @contextlib.contextmanager
 def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEOUT_S) -> Iterator[str]:
     """Run an MLflow tracking server on loopback for the duration of the block.
@@ -164,6 +199,7 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
     artifacts.mkdir(parents=True, exist_ok=True)
     log_path = base / "server.log"
 
+    _seed_store(base / "mlflow.db")
     env = dict(os.environ)
     # The server's GenAI job runner is a further process we do not need on a small machine.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tpr_core.config import ExperimentConfig
 from pipelines.setup import (
     RunPaths,
     absolutize,
@@ -18,6 +17,7 @@ from pipelines.setup import (
     ray_configs,
     run_paths,
 )
+from tpr_core.config import ExperimentConfig
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -64,7 +64,8 @@ def train(
     name = name or default_run_name(cfg)
     cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
     loop_config.update(extra or {})
-    with tracking_server(paths.runs_dir):
+    with tracking_server(paths.runs_dir) as uri:
+        loop_config["tracking_uri"] = uri
         init_ray()
         result = fit(cfg, paths, loop_config)
     if result.error is not None:

@@ -197,6 +197,10 @@ class _Tracker:
     """MLflow from rank 0 only; other ranks hold a no-op."""
 
     def __init__(self, enabled: bool, cfg: ExperimentConfig, config: dict[str, Any], resumed_run_id: str | None):
+        # The URI travels in the loop config: a worker started by a Tune trial does not
+        # inherit the environment of the process that started the tracking server.
+        if config.get("tracking_uri"):
+            os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
         self.enabled = enabled and bool(os.environ.get("MLFLOW_TRACKING_URI"))
         self.run_id: str | None = None
         self.skip_until: dict[str, int] = {}
@@ -336,7 +340,7 @@ def train_loop(config: dict[str, Any]) -> None:
             vals = torch.tensor([float(total.detach())] + [float(terms[k].detach()) for k in term_names])
             sums += vals
             n_logged += 1
-            if engine.is_gradient_accumulation_boundary() or (i + 1) % d.grad_accum == 0:
+            if (i + 1) % d.grad_accum == 0:  # an optimizer step happened
                 state["step"] += 1
                 if state["step"] % cfg.train.log_every == 0:
                     avg = sums / max(1, n_logged)

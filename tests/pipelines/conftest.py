@@ -43,7 +43,10 @@ def ray_local():
     """One local Ray instance shared by a test module."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=True,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=2,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     yield
     ray.shutdown()

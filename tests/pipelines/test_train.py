@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(name, synth_data, **extra):
-    return load_config(REPO / f"pipelines/configs/{name}_synthetic_tiny.yaml", tiny_overrides(synth_data, **extra))
+    return load_config(
+        REPO / f"pipelines/configs/{name}_synthetic_tiny.yaml", tiny_overrides(synth_data, **extra)
+    )
 
 
 def _chance_r1(root: str) -> float:
@@ -45,8 +47,15 @@ def _runs(client: MlflowClient, experiment: str, key: str):
 def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
     from pipelines.train import train
 
-    cfg = _cfg("irra", synth_data, train__epochs=6, train__eval_every=2, train__checkpoint_every=2,
-               train__log_every=5, distributed__zero_stage=2)
+    cfg = _cfg(
+        "irra",
+        synth_data,
+        train__epochs=6,
+        train__eval_every=2,
+        train__checkpoint_every=2,
+        train__log_every=5,
+        distributed__zero_stage=2,
+    )
     m = train(cfg, runs_dir=tmp_path, name="z2")
     chance = _chance_r1(synth_data["root"])
     print(f"\nval R@1 {m['best/val_R1']:.2f} vs chance {chance:.2f}; test R@1 {m['test/R1']:.2f}")
@@ -62,7 +71,12 @@ def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
         assert (d / "trainer_state.json").is_file() and (d / "state" / "latest").is_file()
         assert {p.name for p in (d / "rng").iterdir()} == {"rank-0.pt", "rank-1.pt"}
     model = Path(m["model_dir"])
-    assert {p.name for p in model.iterdir()} >= {"model.safetensors", "config.yaml", "tokenizer", "metrics.json"}
+    assert {p.name for p in model.iterdir()} >= {
+        "model.safetensors",
+        "config.yaml",
+        "tokenizer",
+        "metrics.json",
+    }
     resolved = load_config(model / "config.yaml")
     assert resolved.method == "irra" and resolved.distributed.zero_stage == 2
     assert json.loads((model / "metrics.json").read_text())["test/R1"] == pytest.approx(m["test/R1"])
@@ -78,7 +92,16 @@ def _check_z2_run(client, cfg, m):
     assert run.info.run_id == m["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.params["loss.weights.sdm"] == "1.0" and run.data.params["distributed.zero_stage"] == "2"
     assert run.data.tags["method"] == "irra" and run.data.tags["dataset_manifest_hash"].startswith("sha256:")
-    for key in ("train/loss", "train/sdm", "train/id", "train/mlm", "train/lr", "val/R1", "val/mINP", "test/R1"):
+    for key in (
+        "train/loss",
+        "train/sdm",
+        "train/id",
+        "train/mlm",
+        "train/lr",
+        "val/R1",
+        "val/mINP",
+        "test/R1",
+    ):
         assert key in run.data.metrics, key
     steps = [h.step for h in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == sorted(set(steps)) and steps[0] == 5
@@ -96,8 +119,15 @@ def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path)
     from pipelines.train import train
     from tpr_core.export import load_exported
 
-    cfg = _cfg("irra", synth_data, train__epochs=2, train__eval_every=1, train__checkpoint_every=1,
-               train__max_steps_per_epoch=3, distributed__zero_stage=3)
+    cfg = _cfg(
+        "irra",
+        synth_data,
+        train__epochs=2,
+        train__eval_every=1,
+        train__checkpoint_every=1,
+        train__max_steps_per_epoch=3,
+        distributed__zero_stage=3,
+    )
     m = train(cfg, runs_dir=tmp_path, name="z3")
     probe = load_file(tmp_path / "ray" / "z3" / "probe.safetensors")
     exp = load_exported(m["model_dir"])
@@ -114,8 +144,15 @@ def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path)
 def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_path):
     from pipelines.train import train
 
-    cfg = _cfg("irra", synth_data, train__epochs=3, train__eval_every=1, train__checkpoint_every=1,
-               train__max_steps_per_epoch=3, train__log_every=1)
+    cfg = _cfg(
+        "irra",
+        synth_data,
+        train__epochs=3,
+        train__eval_every=1,
+        train__checkpoint_every=1,
+        train__max_steps_per_epoch=3,
+        train__log_every=1,
+    )
     marker = tmp_path / "killed"
     m = train(cfg, runs_dir=tmp_path, name="kill", extra={"fail_at_epoch": 2, "fail_marker": str(marker)})
     assert marker.exists(), "the worker was not killed"
@@ -132,10 +169,20 @@ def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_pa
 def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
     from pipelines.train import train
 
-    cfg = _cfg("irra", synth_data, train__epochs=2, train__eval_every=1, train__checkpoint_every=1,
-               train__max_steps_per_epoch=2, train__log_every=1, distributed__max_failures=0)
+    cfg = _cfg(
+        "irra",
+        synth_data,
+        train__epochs=2,
+        train__eval_every=1,
+        train__checkpoint_every=1,
+        train__max_steps_per_epoch=2,
+        train__log_every=1,
+        distributed__max_failures=0,
+    )
     marker = tmp_path / "killed"
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         train(cfg, runs_dir=tmp_path, name="crash", extra={"fail_at_epoch": 1, "fail_marker": str(marker)})
     assert marker.exists()
     m = train(cfg, runs_dir=tmp_path, name="crash")
@@ -153,9 +200,15 @@ def test_bad_input_fails_before_ray(synth_data, tmp_path):
     with pytest.raises(ConfigError, match="distributed.precision=fp16"):
         train(_cfg("irra", synth_data, distributed__precision="fp16"), runs_dir=tmp_path, name="x")
     with pytest.raises(ConfigError, match="not a prepared dataset"):
-        cfg = load_config(REPO / "pipelines/configs/irra_cuhk_base.yaml",
-                          [f"data.root={tmp_path / 'nothing'}", "model.pretrained=null", "distributed.use_gpu=false",
-                           "distributed.precision=fp32"])
+        cfg = load_config(
+            REPO / "pipelines/configs/irra_cuhk_base.yaml",
+            [
+                f"data.root={tmp_path / 'nothing'}",
+                "model.pretrained=null",
+                "distributed.use_gpu=false",
+                "distributed.precision=fp32",
+            ],
+        )
         train(cfg, runs_dir=tmp_path, name="x")
     with pytest.raises(ConfigError, match="model.pretrained"):
         train(_cfg("irra", synth_data, model__pretrained=str(tmp_path)), runs_dir=tmp_path, name="x")

@@ -13,3 +13,29 @@ Batch contract (what a training DataLoader yields, what models consume), all ten
                    ``word_ids``/``word_mask`` (B, L) one attribute phrase of the caption
 - view ``text_aug``: applied in place to ``text_ids`` (UIT caption pruning, training only)
 """
+
+from tpr_core.data.dataset import (
+    GalleryDataset,
+    QueryDataset,
+    SplitData,
+    TrainDataset,
+    collate,
+    load_split,
+    make_train_loader,
+    train_identity_count,
+)
+from tpr_core.data.samplers import build_batch_sampler
+from tpr_core.data.tokenizer import Tokenizer
+
+__all__ = [
+    "GalleryDataset",
+    "QueryDataset",
+    "SplitData",
+    "Tokenizer",
+    "TrainDataset",
+    "build_batch_sampler",
+    "collate",
+    "load_split",
+    "make_train_loader",
+    "train_identity_count",
+]
