@@ -178,7 +178,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+        # Inside `ray job submit` the job's runtime env applies (a second one would conflict);
+        # Train workers get their variables from RunConfig.worker_runtime_env either way.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)
 

@@ -33,6 +33,8 @@ from tpr_core.config import ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
 BEST_TRIAL_TAG = "tpr.best_trial_run_id"
+# The trial driver only waits on its TorchTrainer: it reserves a token share of a CPU.
+TRIAL_DRIVER_CPU = 0.01
 
 
 def default_max_concurrent(cfg: ExperimentConfig) -> int:
@@ -43,7 +45,9 @@ def default_max_concurrent(cfg: ExperimentConfig) -> int:
     d = cfg.distributed
     if d.use_gpu:
         return max(1, int(res.get("GPU", 1) // d.num_workers))
-    return max(1, int(res.get("CPU", 1) // (d.num_workers * d.cpus_per_worker)))
+    # each trial: its workers plus the token CPU share of its driver (TRIAL_DRIVER_CPU)
+    per_trial = d.num_workers * d.cpus_per_worker + TRIAL_DRIVER_CPU
+    return max(1, int(res.get("CPU", 1) // per_trial))
 
 
 def _trial_key(trial_id: str) -> str:

@@ -25,43 +25,49 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group, so that stopping it touches no
+    other Ray instance on the machine (``ray stop`` would stop them all)."""
+    import signal
+    import time
+    import urllib.request
+
+    import shutil
+    import tempfile
+
     port, dash = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "DS_ACCELERATOR": "cpu",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    raytmp = tempfile.mkdtemp(prefix="tpr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--disable-usage-stats",
-            "--temp-dir",
-            str(tmp_path / "raytmp"),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=180,
+    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--disable-usage-stats", "--temp-dir", raytmp],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        pytest.fail("the Ray head's job server did not come up: " + (tmp_path / "ray-head.log").read_text()[-3000:])
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(raytmp, ignore_errors=True)
 
 
 def test_submit_tiny_training_once(ray_head, synth_data, tmp_path):
@@ -113,7 +119,5 @@ def test_submit_tiny_training_once(ray_head, synth_data, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines()[0].strip() == sub_id
     assert "not submitting again" in again.stderr
-    from ray.job_submission import JobSubmissionClient
-
     jobs = JobSubmissionClient(address).list_jobs()
     assert [j.submission_id for j in jobs].count(sub_id) == 1
