@@ -7,6 +7,7 @@ a 4-trial FMFA loss-weight sweep with ASHA -> both promoted through the registry
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,13 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
         base = train(base_cfg, runs_dir=runs_dir, name=f"demo-irra-{stamp}")
         out["baseline"] = base
 
+        # A fresh Ray instance for the sweep: nothing of the baseline's worker group can linger
+        # in the resources the trials need (2 CPUs here).
+        import ray
+
+        if not os.environ.get("RAY_ADDRESS"):
+            ray.shutdown()
+            init_ray()
         console.rule("[bold]2/4 sweep: FMFA loss weights, 4 trials, ASHA")
         sw_cfg = load_config(
             CONFIGS / "fmfa_synthetic_tiny.yaml",

@@ -56,6 +56,18 @@ def ray_head(tmp_path):
             time.sleep(1)
     else:
         pytest.fail("the Ray head's job server did not come up: " + (tmp_path / "ray-head.log").read_text()[-3000:])
+    # The job agent registers after the dashboard answers: wait until a trivial job runs.
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    while time.time() < deadline:
+        try:
+            probe = client.submit_job(entrypoint="echo ready")
+            break
+        except RuntimeError:
+            time.sleep(2)
+    while time.time() < deadline and client.get_job_status(probe) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        time.sleep(1)
     try:
         yield address, env
     finally:
@@ -115,3 +127,4 @@ def test_submit_tiny_training_once(ray_head, synth_data, tmp_path):
     assert "not submitting again" in again.stderr
     jobs = JobSubmissionClient(address).list_jobs()
     assert [j.submission_id for j in jobs].count(sub_id) == 1
+    assert len(jobs) == 2  # the readiness probe and the training
