@@ -33,8 +33,10 @@ from tpr_core.config import ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
 BEST_TRIAL_TAG = "tpr.best_trial_run_id"
-# The trial driver only waits on its TorchTrainer: it reserves a token share of a CPU.
-TRIAL_DRIVER_CPU = 0.01
+# The trial driver only waits on its TorchTrainer: it reserves a little memory and no CPU, so
+# that N trials of W workers fit exactly on N x W CPUs (a CPU share per driver would leave
+# the last trial's worker group a fraction short of its CPU, waiting forever).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
 
 
 def default_max_concurrent(cfg: ExperimentConfig) -> int:
@@ -45,8 +47,7 @@ def default_max_concurrent(cfg: ExperimentConfig) -> int:
     d = cfg.distributed
     if d.use_gpu:
         return max(1, int(res.get("GPU", 1) // d.num_workers))
-    # each trial: its workers plus the token CPU share of its driver (TRIAL_DRIVER_CPU)
-    per_trial = d.num_workers * d.cpus_per_worker + TRIAL_DRIVER_CPU
+    per_trial = d.num_workers * d.cpus_per_worker
     return max(1, int(res.get("CPU", 1) // per_trial))
 
 
