@@ -41,8 +41,6 @@ def test_killed_sweep_resumes_with_one_child_per_trial(synth_data, tmp_path):
         str(SPACE),
         "--samples",
         "2",
-        "--max-concurrent",
-        "2",
         "--name",
         "rs",
         "--runs-dir",
