@@ -8,9 +8,15 @@ grace_period: 1, reduction_factor: 2}`` against ``{type: none}`` (Tune's FIFO sc
 With ``--search random`` (the default) both draw exactly the same trial configurations
 (``BasicVariantGenerator`` seeded alike), so the difference is ASHA alone.
 
-Each sweep starts and stops its own local Ray instance and MLflow server, as ``tpr sweep``
-does, and runs in its own runs folder; ASHA runs first, so any cold-start cost (page cache,
-first imports) falls on it rather than on the baseline. Printed: wall time of each sweep,
+By default the bench starts one local Ray head of its own (``ray start --head``) and both
+sweeps connect to it through ``RAY_ADDRESS``, as ``tpr sweep`` does on a cluster; each sweep
+still starts and stops its own MLflow server and runs in its own runs folder. (With
+``--ray per-sweep`` each sweep starts its own local Ray, as ``tpr sweep`` does on one
+machine; but when another Ray instance runs on the same machine, Ray Train's
+placement-group cleaner cannot tell which cluster is its own, the CPUs of trials that ASHA
+stops are never released, and the sweep stalls: the head of our own carries its address.)
+ASHA runs first, so any cold-start cost (page cache, first imports) falls on it rather than
+on the baseline. Printed: wall time of each sweep,
 trials finished / stopped, epochs trained in all, the best ``val/R1`` over all trials and
 over the trials that ran to the end (the ones a sweep can promote), and the ratios (aim:
 ASHA at most 0.6x the wall time with its best ``val/R1`` within 2 points).
@@ -21,10 +27,18 @@ ASHA at most 0.6x the wall time with its best ``val/R1`` within 2 points).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +46,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Token authentication on, stated before ray is imported: the head started here and this driver
+# then agree on it (the token is Ray's default one, ~/.ray/auth_token).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import yaml  # noqa: E402
 
@@ -70,6 +87,76 @@ def make_data(tmp: Path, identities: int) -> tuple[str, str]:
     raw = ensure_synthetic(tmp / "raw", identities=identities, images_per_identity=4, seed=0, size=(96, 32))
     prepare("cuhk-pedes", raw, tmp / "parquet")
     return str(raw), str(tmp / "parquet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def own_ray_cluster(num_cpus: int, log_path: Path, timeout_s: float = 180.0) -> Iterator[str]:
+    """A local Ray head of our own (``ray start --head --block``), its address in ``RAY_ADDRESS``.
+
+    Both sweeps then connect to it the way ``tpr sweep`` connects to a cluster. Its processes
+    carry ``RAY_ADDRESS`` too: Ray Train's placement-group cleaner looks the cluster up by
+    address, and without it fails ("Found multiple active Ray instances") whenever another
+    Ray instance runs on the same machine, so a trial stopped by ASHA would keep its CPU.
+    The head has its own temp dir, so it never becomes the machine's default cluster
+    (``/tmp/ray/ray_current_cluster``, which a plain ``ray.init()`` elsewhere would join).
+    Stopped by SIGTERM to the ``ray start`` process (which shuts its own processes down),
+    then SIGKILL to its process group (a session of its own) if anything is left.
+    """
+    import ray.util
+
+    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
+                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                       "runtime-env-agent-port", "metrics-export-port")}
+    ip = ray.util.get_node_ip_address()
+    address = f"{ip}:{ports['port']}"
+    temp_dir = tempfile.mkdtemp(prefix="tpr-bench-ray-")  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    previous = os.environ.get("RAY_ADDRESS")
+    try:
+        deadline = time.time() + timeout_s
+        url = f"http://127.0.0.1:{ports['dashboard-port']}/api/version"  # the dashboard binds loopback
+        while True:  # up when ray start says so and the dashboard (the cleaner's state API) answers
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log_path}")
+            if "Ray runtime started" in log_path.read_text(errors="replace"):
+                try:
+                    with urllib.request.urlopen(url, timeout=5):
+                        break
+                except urllib.error.HTTPError:  # e.g. 401: token authentication is on; it answers
+                    break
+                except OSError:
+                    pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray head did not come up in {timeout_s:.0f}s; see {log_path}")
+            time.sleep(2)
+        os.environ["RAY_ADDRESS"] = address
+        yield address
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: whatever ray start left behind
+        proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_sweep(label: str, cfg: Any, space: Path, runs: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -125,6 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduction-factor", type=float, default=2.0)
     parser.add_argument("--max-concurrent", type=int, default=None, help="default: what the CPUs hold")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ray", choices=["own", "per-sweep"], default="own",
+        help="own: one Ray head started here for both sweeps (RAY_ADDRESS); per-sweep: each sweep starts "
+        "its own local Ray as `tpr sweep` does (stopped trials leak their CPUs when another Ray instance "
+        "runs on the machine)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of our own Ray head")
     parser.add_argument("--keep", default=None, help="keep the runs under this folder (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -147,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         asha = {"type": "asha", "grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
         results = {}
-        for label, scheduler in (("asha", asha), ("fifo", {"type": "none"})):
-            space = write_space(tmp / f"space_{label}.yaml", scheduler, args.search, args.trials)
-            results[label] = run_sweep(label, cfg, space, tmp / f"runs_{label}", args)
+        with contextlib.ExitStack() as stack:
+            if args.ray == "own":
+                address = stack.enter_context(own_ray_cluster(args.num_cpus, tmp / "ray_head.log"))
+                print(f"Ray head of our own at {address} ({args.num_cpus} CPUs)", flush=True)
+            for label, scheduler in (("asha", asha), ("fifo", {"type": "none"})):
+                space = write_space(tmp / f"space_{label}.yaml", scheduler, args.search, args.trials)
+                results[label] = run_sweep(label, cfg, space, tmp / f"runs_{label}", args)
 
     print(f"\nsweeps: {args.trials} trials, {args.search} search, seed {args.seed}; IRRA tiny, 1 worker per "
           f"trial, {args.epochs} epochs x <= {args.max_steps} steps of {args.batch_size}, "
