@@ -79,8 +79,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
         import ray
 
         if not os.environ.get("RAY_ADDRESS"):
-            ray.shutdown()
-            init_ray()
+            ray.shutdown()  # sweep() starts a fresh local instance
         console.rule("[bold]2/4 sweep: FMFA loss weights, 4 trials, ASHA")
         sw_cfg = load_config(
             CONFIGS / "fmfa_synthetic_tiny.yaml",

@@ -157,7 +157,13 @@ def sweep(
             "space.scheduler": space.scheduler.model_dump_json(),
             **{f"space.params.{k}": json.dumps(v) for k, v in space.params.items()},
         })
-        init_ray()
+        # Logical headroom: Ray 2.60 leaves a finished Tune trial's worker-group placement group
+        # reserved (see _release_worker_groups); on a local instance started here, spare logical
+        # CPUs keep later trials from waiting on those leaked reservations (no real CPU is used).
+        import os as _os
+
+        d = cfg.distributed
+        init_ray(num_cpus=(_os.cpu_count() or 2) + n * d.num_workers * int(max(1, d.cpus_per_worker)))
         # Trials run one at a time unless asked: see _release_worker_groups (a Ray 2.60 leak of
         # finished trials' worker placement groups is only cleaned up safely that way).
         concurrency = max_concurrent or 1

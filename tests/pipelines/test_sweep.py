@@ -76,13 +76,17 @@ def test_shipped_spaces_validate():
 
 
 @pytest.mark.slow
-def test_four_trial_asha_sweep_logs_parent_and_children(ray_local, synth_data, tmp_path):
+def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
+    import ray
     from mlflow import MlflowClient
 
     from pipelines.sweep import BEST_TRIAL_TAG, sweep
     from pipelines.tracking import tracking_server
 
-    out = sweep(_cfg(synth_data), SPACE, runs_dir=tmp_path, samples=4, name="sw")
+    try:
+        out = sweep(_cfg(synth_data), SPACE, runs_dir=tmp_path, samples=4, name="sw")  # starts its own Ray
+    finally:
+        ray.shutdown()
     assert len(out["trials"]) == 4
     assert out["best_metric"] >= max(r["best_val/R1"] for r in out["trials"] if r["status"] == "DONE")
     assert set(out["best_params"]) == {"loss.weights.a_sdm", "loss.weights.efa", "loss.weights.id"}
