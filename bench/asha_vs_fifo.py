@@ -128,7 +128,8 @@ def own_ray_cluster(num_cpus: int, log_path: Path, timeout_s: float = 180.0) -> 
         url = f"http://127.0.0.1:{ports['dashboard-port']}/api/version"  # the dashboard binds loopback
         while True:  # up when ray start says so and the dashboard (the cleaner's state API) answers
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}; see {log_path}")
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
+                raise RuntimeError(f"ray start exited with {proc.returncode}; the end of {log_path}:\n{tail}")
             if "Ray runtime started" in log_path.read_text(errors="replace"):
                 try:
                     with urllib.request.urlopen(url, timeout=5):
@@ -243,7 +244,14 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         with contextlib.ExitStack() as stack:
             if args.ray == "own":
-                address = stack.enter_context(own_ray_cluster(args.num_cpus, tmp / "ray_head.log"))
+                for attempt in range(3):  # on a loaded machine the head may time out while starting
+                    try:
+                        address = stack.enter_context(own_ray_cluster(args.num_cpus, tmp / "ray_head.log"))
+                        break
+                    except RuntimeError as e:
+                        print(f"[bench] the Ray head did not start (attempt {attempt + 1}/3): {e}", flush=True)
+                else:
+                    raise SystemExit("could not start a Ray head")
                 print(f"Ray head of our own at {address} ({args.num_cpus} CPUs)", flush=True)
             for label, scheduler in (("asha", asha), ("fifo", {"type": "none"})):
                 space = write_space(tmp / f"space_{label}.yaml", scheduler, args.search, args.trials)

@@ -7,7 +7,6 @@ a 4-trial FMFA loss-weight sweep with ASHA -> both promoted through the registry
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     else:
         base_over = ["train.epochs=6", "train.eval_every=2", "train.checkpoint_every=2"]
         trial_over = ["train.epochs=4", "train.eval_every=1", "train.checkpoint_every=1",
-                      "train.max_steps_per_epoch=12", "data.batch_size=32"]
+                      "train.max_steps_per_epoch=25", "data.batch_size=32"]
     t0 = time.time()
     out: dict[str, Any] = {}
     with tracking_server(runs_dir):
@@ -74,12 +73,6 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
         base = train(base_cfg, runs_dir=runs_dir, name=f"demo-irra-{stamp}")
         out["baseline"] = base
 
-        # A fresh Ray instance for the sweep: nothing of the baseline's worker group can linger
-        # in the resources the trials need (2 CPUs here).
-        import ray
-
-        if not os.environ.get("RAY_ADDRESS"):
-            ray.shutdown()  # sweep() starts a fresh local instance
         console.rule("[bold]2/4 sweep: FMFA loss weights, 4 trials, ASHA")
         sw_cfg = load_config(
             CONFIGS / "fmfa_synthetic_tiny.yaml",

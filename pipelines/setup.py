@@ -14,7 +14,7 @@ from typing import Any
 from tpr_core.config import ConfigError, ExperimentConfig
 
 # Environment every Ray worker needs. DS_ACCELERATOR only where no GPU is used.
-_WORKER_ENV_KEYS = ("MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+_WORKER_ENV_KEYS = ("MLFLOW_TRACKING_URI", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
 class PreflightError(ConfigError):
@@ -182,12 +182,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Train workers get their variables from RunConfig.worker_runtime_env either way.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True)
+        # Ray Train's placement-group cleaner (it frees the workers of a trial ASHA stopped) asks
+        # the state API whether the trial's controller lives; without an address that API finds
+        # the Ray instance started *last* on this machine, which is not ours when another one
+        # runs. Our dashboard's address, given to every process of the job, keeps it on ours.
+        from pipelines.tracking import _free_port
+
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
 
 
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    # Ray Train reroutes a worker's print() through logging and, once anything wraps stdout,
+    # prints it a second time as well: the progress lines would show twice on the driver.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.distributed.cpus_per_worker))))
     if not cfg.distributed.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"

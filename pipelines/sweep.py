@@ -29,7 +29,7 @@ from typing import Any
 
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
-from tpr_core.config import ExperimentConfig
+from tpr_core.config import ConfigError, ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
 BEST_TRIAL_TAG = "tpr.best_trial_run_id"
@@ -56,35 +56,8 @@ def _trial_key(trial_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", trial_id)
 
 
-def _created_placement_groups() -> set[str]:
-    import ray.util
-
-    return {k for k, v in ray.util.placement_group_table().items() if v.get("state") == "CREATED"}
-
-
-def _release_worker_groups(before: set[str]) -> None:
-    """Remove the placement groups this trial's TorchTrainer created and left behind.
-
-    Measured here (Ray 2.60): when a Tune function trial returns, its Train controller is torn
-    down with the trial actor and the worker group's placement group stays reserved, so the
-    next trial waits forever for CPUs. Only safe when trials run one at a time (the caller
-    checks): then every placement group created during the trial, other than the trial's
-    own, is this trial's.
-    """
-    import ray.util
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, get_current_placement_group
-
-    own = get_current_placement_group()
-    own_id = own.id.hex() if own is not None else None
-    for pg_id in _created_placement_groups() - before:
-        if pg_id != own_id:
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
-
-
 def _make_trainable(
     base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None,
-    release_worker_groups: bool = False,
 ):
     """The Tune function trainable (closes over plain data only, so it pickles)."""
 
@@ -103,12 +76,7 @@ def _make_trainable(
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         loop_config["extra_tags"] = {"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)}
-        before = _created_placement_groups() if release_worker_groups else set()
-        try:
-            result = fit(cfg, paths, loop_config, callbacks=[TuneReportCallback()])
-        finally:
-            if release_worker_groups:
-                _release_worker_groups(before)
+        result = fit(cfg, paths, loop_config, callbacks=[TuneReportCallback()])
         if result.error is not None:
             raise result.error
 
@@ -127,7 +95,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the best trial's config, metric and MLflow ids."""
     from ray import tune
-    from ray.tune import CLIReporter, TuneConfig
+    from ray.tune import TuneConfig
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -145,6 +113,11 @@ def sweep(
     tune_storage = paths.storage.rsplit("/", 1)[0] + "/tune"
     exp_dir = f"{tune_storage}/{name}"
     n = samples or space.samples
+    if resume:
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(exp_dir):
+            raise ConfigError(f"no sweep named {name!r} to resume at {exp_dir}")
 
     with tracking.tracking_server(paths.runs_dir) as tracking_uri:
         parent = tracking.start_or_resume_run(
@@ -157,25 +130,23 @@ def sweep(
             "space.scheduler": space.scheduler.model_dump_json(),
             **{f"space.params.{k}": json.dumps(v) for k, v in space.params.items()},
         })
-        # Logical headroom: Ray 2.60 leaves a finished Tune trial's worker-group placement group
-        # reserved (see _release_worker_groups); on a local instance started here, spare logical
-        # CPUs keep later trials from waiting on those leaked reservations (no real CPU is used).
-        import os as _os
-
-        d = cfg.distributed
-        init_ray(num_cpus=(_os.cpu_count() or 2) + n * d.num_workers * int(max(1, d.cpus_per_worker)))
-        # Trials run one at a time unless asked: see _release_worker_groups (a Ray 2.60 leak of
-        # finished trials' worker placement groups is only cleaned up safely that way).
-        concurrency = max_concurrent or 1
-        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent, tracking_uri,
-                                   release_worker_groups=concurrency == 1)
-        # The trial driver only waits on its TorchTrainer: it reserves a token share of a CPU.
-        trainable = tune.with_resources(trainable, {"CPU": 0.01})
+        try:  # the base config of every trial; a resume must repeat it (MLflow params are immutable)
+            tracking.log_params_flat(parent, {"base": cfg.model_dump(mode="json")})
+        except ValueError as e:
+            raise ConfigError(
+                f"sweep {name!r} was started with another base config; --resume needs the same "
+                f"config file and key=value overrides ({e})"
+            ) from None
+        init_ray()
+        # Slots: what the cluster holds in trials of W workers. A trial stopped by ASHA has its
+        # controller killed with it; Ray Train's placement-group cleaner (it needs the dashboard's
+        # state API, part of ray[default]) then frees its workers for the next trial.
+        concurrency = max_concurrent or default_max_concurrent(cfg)
+        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent, tracking_uri)
+        trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
         if resume:
             from ray.tune import Tuner
 
-            if not Tuner.can_restore(exp_dir):
-                raise FileNotFoundError(f"no sweep named {name!r} to resume at {exp_dir}")
             tuner = Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             if space.search == "optuna":
@@ -193,14 +164,8 @@ def sweep(
                 )
             else:
                 scheduler = FIFOScheduler()
-            reporter = CLIReporter(
-                parameter_columns=list(space.params),
-                metric_columns=["epoch", space.metric],
-                max_report_frequency=15,
-                sort_by_metric=True,
-                metric=space.metric,
-                mode=space.mode,
-            )
+            # The trial table (state, searched params, iteration, epoch, the space's metric) is
+            # Tune's own live output.
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_distributions(space),
@@ -208,7 +173,7 @@ def sweep(
                     metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
                     num_samples=n, max_concurrent_trials=concurrency,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=tune_storage, progress_reporter=reporter),
+                run_config=tune.RunConfig(name=name, storage_path=tune_storage),
             )
         grid = tuner.fit()
         summary = _log_parent(grid, space, parent, cfg, name, runs_dir=paths.runs_dir)

@@ -110,6 +110,20 @@ def _healthy(url: str) -> bool:
         return False
 
 
+# Runs the server as its child and ends the whole group when the process that started it is
+# gone (a driver killed with SIGKILL or by the OOM killer leaves no server behind).
+_GUARD = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+while server.poll() is None:
+    time.sleep(1.0)
+    if os.getppid() != parent:
+        os.killpg(0, signal.SIGTERM)
+sys.exit(server.returncode)
+"""
+
+
 def _stop_group(proc: subprocess.Popen, grace_s: float = _SERVER_STOP_GRACE_S) -> None:
     """SIGTERM the server's process group (mlflow CLI + uvicorn), SIGKILL it if it lingers."""
     if proc.poll() is None:
@@ -211,6 +225,7 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [
+            sys.executable, "-c", _GUARD, str(os.getpid()),
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", _sqlite_uri(base / "mlflow.db"),
             "--artifacts-destination", str(artifacts),

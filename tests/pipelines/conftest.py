@@ -41,12 +41,13 @@ def tiny_overrides(synth_data: dict[str, str], **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance shared by a test module."""
+    import os
+
     import ray
 
-    ray.init(
-        num_cpus=2,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+    from pipelines.setup import init_ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_ray(num_cpus=2)  # the same local start as the CLI's
     yield
     ray.shutdown()

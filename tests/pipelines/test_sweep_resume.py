@@ -70,3 +70,8 @@ def test_killed_sweep_resumes_with_one_child_per_trial(synth_data, tmp_path):
         )
         keys = [c.data.tags["tpr.run_key"] for c in children]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 2, keys
+    # A resume must repeat the sweep's base config: another override is refused, naming the key.
+    r = subprocess.run(cmd + ["optim.lr=0.001", "--resume"], cwd=REPO, env={**env, "COLUMNS": "500"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "another base config" in r.stderr and "base.optim.lr" in r.stderr, r.stderr[-2000:]

@@ -216,3 +216,30 @@ def _pids_listening(uri: str) -> list[str]:
             continue
     assert pids, f"no process listens on {uri}"
     return pids
+
+
+def test_server_ends_when_its_driver_is_killed(tmp_path):
+    """A driver killed with SIGKILL (no finally runs) leaves no MLflow server behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from pipelines.tracking import tracking_server\n"
+        "with tracking_server(sys.argv[1]) as uri:\n"
+        "    print(uri, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=env, cwd=Path(__file__).resolve().parents[2])
+    uri = driver.stdout.readline().strip()
+    assert uri.startswith("http://127.0.0.1:") and tracking._healthy(uri)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and tracking._healthy(uri):
+        time.sleep(0.5)
+    assert not tracking._healthy(uri), "the MLflow server outlived its driver"
