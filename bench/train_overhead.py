@@ -138,9 +138,8 @@ class TprStep:
     """The worker's step: ``_Wrapped`` method in a DeepSpeed engine (ZeRO-0, fp32)."""
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, tokenizer: Any, steps_per_epoch: int) -> None:
-        import deepspeed
 
-        from pipelines.worker import _Wrapped, ds_config, engine_dtype
+        from pipelines.worker import _Wrapped, engine_dtype, initialize_engine
         from tpr_core.models import build_method, method_spec
         from tpr_core.optim import build_optimizer, build_scheduler
 
@@ -149,10 +148,7 @@ class TprStep:
         optimizer = build_optimizer(method, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
         micro = cfg.data.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=_Wrapped(method), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, micro),
-            dist_init_required=False,
-        )
+        self.engine = initialize_engine(_Wrapped(method), optimizer, scheduler, cfg, micro)
         self.engine.module.train()
         self.dtype = engine_dtype(self.engine)
         self.weights = cfg.loss.weights

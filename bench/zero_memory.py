@@ -198,10 +198,10 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import deepspeed
+    import deepspeed  # noqa: F401  (imported before the memory baseline)
 
     import tpr_core.models.methods  # noqa: F401  (loads the model code before the baseline)
-    from pipelines.worker import _seed_all, _Wrapped, ds_config
+    from pipelines.worker import _seed_all, _Wrapped, initialize_engine
     from tpr_core.config import ExperimentConfig
     from tpr_core.models import build_method, method_spec
     from tpr_core.optim import build_optimizer, build_scheduler
@@ -217,10 +217,7 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     optimizer = build_optimizer(method, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 100, cfg.train.epochs)
     micro = cfg.data.batch_size // (world * cfg.distributed.grad_accum)
-    engine, _, _, _ = deepspeed.initialize(
-        model=_Wrapped(method), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, micro),
-        dist_init_required=False,
-    )
+    engine = initialize_engine(_Wrapped(method), optimizer, scheduler, cfg, micro)
     del method, optimizer, scheduler  # the engine holds what it needs
     engine.module.train()
     weights = cfg.loss.weights

@@ -63,7 +63,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     else:
         base_over = ["train.epochs=6", "train.eval_every=2", "train.checkpoint_every=2"]
         trial_over = ["train.epochs=4", "train.eval_every=1", "train.checkpoint_every=1",
-                      "train.max_steps_per_epoch=25", "data.batch_size=32"]
+                      "train.max_steps_per_epoch=20", "data.batch_size=32"]
     t0 = time.time()
     out: dict[str, Any] = {}
     with tracking_server(runs_dir):
@@ -83,9 +83,9 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
 
         console.rule("[bold]3/4 registry: promote through the gate (val split)")
         p_base = promote(model_name, run_id=base["mlflow_run_id"])
-        console.print(f"baseline -> version {p_base.version}: {p_base.decision}")
+        console.print(f"baseline -> version {p_base.version}: {p_base.decision} ({p_base.reason})")
         p_sweep = promote(model_name, sweep_run_id=sw["parent_run_id"])
-        console.print(f"sweep best -> version {p_sweep.version}: {p_sweep.decision}")
+        console.print(f"sweep best -> version {p_sweep.version}: {p_sweep.decision} ({p_sweep.reason})")
         out["promotions"] = [p_base, p_sweep]
 
         console.rule(f"[bold]4/4 search: text queries to models:/{model_name}@champion")
@@ -113,8 +113,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
         table.add_row("FMFA sweep best", *[f"{best_test.get(f'test/{k}', float('nan')):.2f}" for k in METRICS])
     console.rule("[bold]done")
     console.print(table)
-    champ = p_sweep if p_sweep.promoted else p_base if p_base.promoted else None
-    console.print(f"champion: models:/{model_name}@champion" + (f" (version {champ.version})" if champ else ""))
+    console.print(f"champion: models:/{model_name}@champion (version {p_sweep.champion})")
     console.print(f"MLflow UI: {store_uri_for_ui(runs_dir)}")
     console.print("retrieval grids: " + ", ".join(pics))
     console.print(f"took {time.time() - t0:.0f} s")
@@ -125,7 +124,9 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
 def _best_trial_test_metrics(sw: dict[str, Any]) -> dict[str, float]:
     import json
 
+    from pipelines.storage import exists, read_text
+
     d = sw.get("best_model_dir")
-    if d and Path(d, "metrics.json").exists():
-        return json.loads(Path(d, "metrics.json").read_text())
+    if d and exists(f"{d}/metrics.json"):
+        return json.loads(read_text(f"{d}/metrics.json"))
     return {}

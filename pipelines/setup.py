@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.storage import is_uri
 from tpr_core.config import ConfigError, ExperimentConfig
 
 # Environment every Ray worker needs. DS_ACCELERATOR only where no GPU is used.
@@ -43,15 +44,11 @@ class RunPaths:
         return f"{self.run_dir}/tokenizer"
 
 
-def _is_uri(path: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
-
-
 def run_paths(runs_dir: str | Path, name: str) -> RunPaths:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise PreflightError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
     rd = str(runs_dir)
-    if _is_uri(rd):
+    if is_uri(rd):
         return RunPaths(Path("."), f"{rd.rstrip('/')}/ray", name)
     p = Path(rd).expanduser().resolve()
     return RunPaths(p, str(p / "ray"), name)
@@ -62,7 +59,7 @@ def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
     data = cfg.model_dump(mode="json")
     for sec, key in (("data", "root"), ("data", "raw_root"), ("model", "pretrained")):
         v = data[sec][key]
-        if v and not _is_uri(v):
+        if v and not is_uri(v):
             data[sec][key] = str(Path(v).expanduser().resolve())
     return ExperimentConfig.model_validate(data)
 

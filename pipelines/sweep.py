@@ -29,6 +29,7 @@ from typing import Any
 
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
+from pipelines.storage import exists, local_dir
 from tpr_core.config import ConfigError, ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
@@ -203,7 +204,13 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         row = {
             "trial": Path(getattr(res, "path", "") or "").name, "status": status,
             "best_" + space.metric: score, "epochs": int(hist["epoch"].max()) if hist is not None and "epoch" in hist else None,
-            "test/R1": last.get("test/R1"), "mlflow_run_id": last.get("mlflow_run_id", ""), **params,
+            "test/R1": last.get("test/R1"),
+            # a trial ASHA stopped never sent its final report: find its child run by its key
+            "mlflow_run_id": last.get("mlflow_run_id") or (
+                tracking.find_run(cfg.tracking.experiment, f"{name}-t{_trial_key(last['trial_id'])}")
+                if last.get("trial_id") else None
+            ) or "",
+            **params,
         }
         rows.append(row)
         # Only a trial that ran to the end has an exported model to promote.
@@ -239,8 +246,8 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         out["best_trial_run_id"] = child
         run = client.get_run(child)
         model_dir = _model_dir_of(run)
-        if model_dir and Path(model_dir).is_dir():
-            tracking.log_artifact(parent, model_dir, "model")
+        if model_dir and exists(model_dir):
+            tracking.log_artifact(parent, local_dir(model_dir), "model")
             out["best_model_dir"] = model_dir
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp, "best_config.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from pipelines.setup import (
     ray_configs,
     run_paths,
 )
+from pipelines.storage import exists, is_uri, upload_dir
 from tpr_core.config import ExperimentConfig
 
 
@@ -30,7 +32,13 @@ def prepare_run(cfg: ExperimentConfig, runs_dir: str | Path, name: str) -> tuple
     preflight(cfg)
     paths = run_paths(runs_dir, name)
     manifest = ensure_dataset(cfg)
-    tok_dir = ensure_tokenizer(cfg, str(paths.runs_dir / "tokenizers" / name))
+    if is_uri(paths.storage):  # workers on other nodes read it from the runs dir's storage
+        tok_dir = paths.tokenizer_dir
+        if not exists(f"{tok_dir}/tpr_tokenizer.json"):  # kept on a resume
+            with tempfile.TemporaryDirectory() as tmp:
+                upload_dir(ensure_tokenizer(cfg, str(Path(tmp, "tokenizer"))), tok_dir)
+    else:
+        tok_dir = ensure_tokenizer(cfg, str(paths.runs_dir / "tokenizers" / name))
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "run_name": name,
@@ -72,7 +80,7 @@ def train(
         raise result.error
     import json
 
-    from pipelines.worker import read_text
+    from pipelines.storage import read_text
 
     metrics = json.loads(read_text(loop_config["result_path"]))
     metrics["run_name"] = name

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipelines.storage import is_uri, local_dir, upload_dir, write_bytes, write_text
 from tpr_core.config import ExperimentConfig, flatten
 
 _STATE_TAG = "state"
@@ -50,6 +51,41 @@ class _Wrapped(nn.Module):
         if mode == "text":
             return self.method.encode_text(batch["text_ids"], batch["text_mask"])
         raise ValueError(f"unknown mode {mode!r}")
+
+
+def initialize_engine(model: nn.Module, optimizer: Any, scheduler: Any, cfg: ExperimentConfig, micro_batch: int) -> Any:
+    """``deepspeed.initialize`` with the worker's ``ds_config``; returns the engine.
+
+    Works around a DeepSpeed 0.19 ZeRO-3 check that decides whether the optimizer's fp32 master
+    partitions can be the parameter partitions themselves (fp32 training): it compares
+    ``tensor.device`` with the accelerator's device *name*, a string, which never equals a
+    ``torch.device`` in torch 2.x, so every rank kept a second fp32 copy of its partition
+    (a quarter of its parameter + gradient + optimizer bytes). During the optimizer's set-up
+    its ``device`` is given as a ``torch.device``, so the check sees what it means to.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create_fp32_partitions(self: Any) -> Any:
+        name = self.device
+        if isinstance(name, str):
+            self.device = torch.device(name)
+        try:
+            return original(self)
+        finally:
+            self.device = name
+
+    Stage3._create_fp32_partitions = create_fp32_partitions
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, micro_batch),
+            dist_init_required=False,
+        )
+    finally:
+        Stage3._create_fp32_partitions = original
+    return engine
 
 
 def ds_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
@@ -250,7 +286,6 @@ class _Tracker:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (``train_loop_config`` is ``config``)."""
-    import deepspeed
     import ray.train
 
     from tpr_core.data.dataset import TrainDataset, load_split, make_train_loader, train_identity_count
@@ -266,7 +301,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.distributed.use_gpu else torch.device("cpu")
     _seed_all(cfg.train.seed)  # same init weights on every rank
 
-    tokenizer = Tokenizer.load(config["tokenizer_dir"])
+    tokenizer = Tokenizer.load(local_dir(config["tokenizer_dir"]))
     train_data = load_split(cfg.data.root, "train")
     val_data = load_split(cfg.data.root, "val")
     num_classes = train_identity_count(train_data)
@@ -288,9 +323,7 @@ def train_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, micro_per_epoch // d.grad_accum)
     micro_per_epoch = steps_per_epoch * d.grad_accum
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, micro), dist_init_required=False
-    )
+    engine = initialize_engine(model, optimizer, scheduler, cfg, micro)
     dtype = engine_dtype(engine)
     dataset = TrainDataset(
         train_data, tokenizer, tuple(cfg.model.image_size), cfg.model.text_length, augment=cfg.data.augment,
@@ -410,10 +443,10 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.log(final, state["step"], kind="test")
         tracker.finish()
         write_text(config["result_path"], json.dumps(out, indent=2))
-        if "://" not in config.get("probe_path", "://"):
-            from safetensors.torch import save_file
+        if config.get("probe_path"):
+            from safetensors.torch import save as to_safetensors
 
-            save_file(probe, config["probe_path"])
+            write_bytes(config["probe_path"], to_safetensors(probe))
         print(
             f"[tpr] done: best val/R1 {best_metrics.get('val/R1')} (epoch {best_metrics.get('epoch')}), "
             f"test/R1 {final['test/R1']:.2f}, model {config['model_dir']}",
@@ -422,30 +455,6 @@ def train_loop(config: dict[str, Any]) -> None:
     if world > 1:
         dist.barrier()
     ray.train.report(out)
-
-
-def write_text(path: str, text: str) -> None:
-    """Write a small text file to a local path or a pyarrow.fs URI (s3://, gs://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
-    else:
-        fs, p = pafs.LocalFileSystem(), str(Path(path).resolve())
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def read_text(path: str) -> str:
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
-    else:
-        fs, p = pafs.LocalFileSystem(), str(Path(path).resolve())
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
 
 
 def _report_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, epoch: int) -> None:
@@ -525,26 +534,30 @@ def _export_and_log(
     from tpr_core.export import save_exported
 
     metrics = {k: v for k, v in {**best_metrics, **final}.items() if isinstance(v, (int, float))}
-    save_exported(
-        config["model_dir"], state_dict, cfg, tokenizer, metrics, num_classes,
-        extra={
-            "dataset_manifest_hash": config.get("manifest_hash", ""), "run_name": config["run_name"],
-            "data_root": cfg.data.root, "git_commit": config.get("git_commit", ""),
-        },
-    )
-    if not tracker.enabled:
-        return
+    extra = {
+        "dataset_manifest_hash": config.get("manifest_hash", ""), "run_name": config["run_name"],
+        "data_root": cfg.data.root, "git_commit": config.get("git_commit", ""),
+    }
     with tempfile.TemporaryDirectory() as tmp:
+        # A runs dir on object storage: the export is written here, then uploaded.
+        local_model = Path(tmp, "model") if is_uri(config["model_dir"]) else config["model_dir"]
+        save_exported(local_model, state_dict, cfg, tokenizer, metrics, num_classes, extra=extra)
+        if is_uri(config["model_dir"]):
+            upload_dir(local_model, config["model_dir"])
+        if not tracker.enabled:
+            return
         cpath = Path(tmp, "config.yaml")
         cpath.write_text(dump_config(cfg))
         tracker.artifact(cpath)
         try:
-            _pictures(val_best, val_data, Path(tmp), choose_queries, retrieval_grid, recall_curve)
-            for png in sorted(Path(tmp).glob("*.png")):
+            pics = Path(tmp, "pictures")
+            pics.mkdir()
+            _pictures(val_best, val_data, pics, choose_queries, retrieval_grid, recall_curve)
+            for png in sorted(pics.glob("*.png")):
                 tracker.artifact(png, "pictures")
         except Exception as e:  # pictures must never fail a finished training
             print(f"[tpr] warning: could not draw pictures: {e}", flush=True)
-    tracker.artifact(config["model_dir"], "model")
+        tracker.artifact(local_model, "model")
 
 
 def _pictures(res: dict, data: Any, out: Path, choose_queries, retrieval_grid, recall_curve) -> None:

@@ -6,6 +6,8 @@ Layout (format version 1)::
         model.safetensors   the full state dict (CPU, contiguous; safetensors, never pickle)
         config.yaml         the resolved ExperimentConfig (``tpr_core.config.dump_config``)
         tokenizer/          ``Tokenizer.save`` output (tokenizer.json + tpr_tokenizer.json)
+        clip/config.json    only for a model started from ``model.pretrained``: that CLIP's
+                            config (its tower sizes), so loading needs no CLIP directory
         metrics.json        metrics of the exported weights, e.g. {"val/R1": 41.2, ...}
         export.json         {"format": "tpr-export", "format_version": 1, "method", "num_classes",
                              "dataset_manifest_hash", "weights_sha256", "num_tensors",
@@ -22,6 +24,7 @@ sees half a model. Loading rebuilds the module with ``build_method`` and fills i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +46,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+CLIP_CONFIG_DIR = "clip"
 METRICS_FILE = "metrics.json"
 INFO_FILE = "export.json"
 
@@ -137,6 +141,11 @@ def save_exported(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "method": cfg.method})
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
         tokenizer.save(tmp / TOKENIZER_DIR)
+        if cfg.model.pretrained is not None:
+            # The tower sizes of a model started from CLIP weights come from that CLIP's
+            # config: keep it, so the folder loads without the original CLIP directory.
+            (tmp / CLIP_CONFIG_DIR).mkdir()
+            shutil.copy2(Path(cfg.model.pretrained) / "config.json", tmp / CLIP_CONFIG_DIR / "config.json")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
         info = {
             "format": FORMAT_NAME,
@@ -217,6 +226,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
 
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.models import build_method
+    from tpr_core.models.dual_encoder import clip_skeleton
 
     root = Path(path)
     info = read_info(root)
@@ -235,13 +245,20 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
 
-    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
-        # The pretrained directory gives the tower sizes; its weights are overwritten below.
-        raise ExportError(
-            f"{root / CONFIG_FILE}: field model.pretrained {cfg.model.pretrained!r} is not a directory here; "
-            "the dual encoder's sizes are read from it"
-        )
-    model = build_method(cfg, int(info["num_classes"]), tokenizer)
+    saved_cfg, skeleton = cfg, contextlib.nullcontext()
+    if cfg.model.pretrained is not None:
+        # The towers' sizes come from the CLIP config kept in the folder; weights come below.
+        if (root / CLIP_CONFIG_DIR / "config.json").is_file():
+            model_cfg = cfg.model.model_copy(update={"pretrained": str(root / CLIP_CONFIG_DIR)})
+            cfg = cfg.model_copy(update={"model": model_cfg})
+            skeleton = clip_skeleton()
+        elif not Path(cfg.model.pretrained).is_dir():  # a folder written before the config was kept
+            raise ExportError(
+                f"{root / CONFIG_FILE}: field model.pretrained {cfg.model.pretrained!r} is not a directory here "
+                f"and the folder has no {CLIP_CONFIG_DIR}/config.json; the dual encoder's sizes are read from it"
+            )
+    with skeleton:
+        model = build_method(cfg, int(info["num_classes"]), tokenizer)
     state = load_file(str(weights), device="cpu")
     try:
         result = model.load_state_dict(state, strict=False)
@@ -253,4 +270,4 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
             f"unexpected keys {result.unexpected_keys[:5]}"
         )
     model.to(device).eval()
-    return Exported(model=model, tokenizer=tokenizer, cfg=cfg, metrics=metrics, info=info, path=root)
+    return Exported(model=model, tokenizer=tokenizer, cfg=saved_cfg, metrics=metrics, info=info, path=root)

@@ -11,11 +11,6 @@ from tests.pipelines.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue #8 note): not yet seen passing end to end with the sweep placement-group "
-    "workaround; every step passed separately",
-)
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "160"}
     env.pop("MLFLOW_TRACKING_URI", None)

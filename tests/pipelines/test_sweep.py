@@ -98,6 +98,8 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
             [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
         )
         assert len(children) == 4
+        # every trial row (stopped ones too) names its child run
+        assert {r["mlflow_run_id"] for r in out["trials"]} == {c.info.run_id for c in children}
         assert parent.data.tags[BEST_TRIAL_TAG] in {c.info.run_id for c in children}
         assert parent.data.metrics["best/val/R1"] == pytest.approx(out["best_metric"])
         assert parent.data.params["space.search"] == "optuna"

@@ -113,11 +113,16 @@ def _check_z2_run(client, cfg, m):
     assert {"pictures/retrieval_grid.png", "pictures/recall_at_k.png"} <= pics
 
 
-def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path):
+def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path, monkeypatch):
+    """Also the runs dir given as a URI (file://): tokenizer, export and result go through
+    pyarrow.fs as they do to s3://, and workers read the tokenizer from there."""
     from safetensors.torch import load_file
 
+    from pipelines.storage import local_dir
     from pipelines.train import train
     from tpr_core.export import load_exported
+
+    monkeypatch.chdir(tmp_path)  # a URI runs dir keeps the embedded MLflow store in the cwd
 
     cfg = _cfg(
         "irra",
@@ -128,9 +133,12 @@ def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path)
         train__max_steps_per_epoch=3,
         distributed__zero_stage=3,
     )
-    m = train(cfg, runs_dir=tmp_path, name="z3")
+    m = train(cfg, runs_dir=f"file://{tmp_path}", name="z3")
+    assert m["model_dir"] == f"file://{tmp_path}/ray/z3/model"
+    assert (tmp_path / "ray" / "z3" / "tokenizer" / "tpr_tokenizer.json").is_file()
+    assert not (tmp_path / "tokenizers").exists()
     probe = load_file(tmp_path / "ray" / "z3" / "probe.safetensors")
-    exp = load_exported(m["model_dir"])
+    exp = load_exported(local_dir(m["model_dir"], cache_root=tmp_path / "cache"))
     with torch.no_grad():
         img = exp.model.encode_image(probe["images"])
         txt = exp.model.encode_text(probe["text_ids"], probe["text_mask"])

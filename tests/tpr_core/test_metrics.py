@@ -25,6 +25,16 @@ def _one_thread():
     torch.set_num_threads(prev)
 
 
+@pytest.fixture(autouse=True, params=["candidates", "sorted-rows"])
+def ranking_path(request, monkeypatch):
+    """Every test runs on both ways of finding match ranks: sorting only the items that score at
+    least a query's lowest match (taken whenever allowed here), and sorting whole rows."""
+    from tpr_core.eval import metrics
+
+    monkeypatch.setattr(metrics, "CANDIDATE_SHARE", 1.0 if request.param == "candidates" else -1.0)
+    return request.param
+
+
 # --------------------------------------------------------------------------- brute force
 
 

@@ -197,3 +197,40 @@ def test_incompatible_settings_name_the_field(clip_dir) -> None:
         load_clip_dir(path, **kw, embed_dim=64)
     with pytest.raises(ValueError, match="tokenizer vocabulary"):
         load_clip_dir(path, **{**kw, "vocab_size": 50})
+
+
+def test_export_of_a_pretrained_model_loads_without_the_clip_dir(tmp_path: Path, clip_dir) -> None:
+    """The exported folder keeps the CLIP config (sizes), so it loads after the CLIP dir is gone."""
+    import shutil
+
+    from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.export import load_exported, save_exported
+
+    path, _ = clip_dir
+    own = tmp_path / "clip-copy"
+    shutil.copytree(path, own)
+    cfg = ExperimentConfig(
+        method="irra",
+        model={"pretrained": str(own), "image_size": (48, 16), "patch_size": 8, "text_length": LENGTH},
+    )
+    tok = Tokenizer.train(["a man in a red coat", "a woman with a black bag"] * 4, vocab_size=300,
+                          max_length=LENGTH)
+    torch.manual_seed(0)
+    model = build_method(cfg, num_classes=3, vocab=tok).eval()
+    save_exported(tmp_path / "model", model.state_dict(), cfg, tok, {"val/R1": 1.0}, num_classes=3)
+    shutil.rmtree(own)
+    assert sorted(p.name for p in (tmp_path / "model" / "clip").iterdir()) == ["config.json"]  # no weights
+
+    exp = load_exported(tmp_path / "model")
+    assert exp.cfg.model.pretrained == str(own)  # the config as trained
+    images = torch.randn(2, 3, 48, 16)
+    ids, mask = _texts()
+    with torch.no_grad():
+        torch.testing.assert_close(exp.model.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(exp.model.encode_text(ids, mask), model.encode_text(ids, mask), rtol=0, atol=0)
+
+    shutil.rmtree(tmp_path / "model" / "clip")  # a folder from before: the error names what is missing
+    from tpr_core.export import ExportError
+
+    with pytest.raises(ExportError, match="model.pretrained .* is not a directory here"):
+        load_exported(tmp_path / "model")

@@ -347,6 +347,20 @@ def _check_pids(
     return qp, gp
 
 
+def _check_no_nan(scores: torch.Tensor, row_offset: int) -> None:
+    bad = torch.isnan(scores).any(dim=1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"query {int(bad.nonzero()[0, 0]) + row_offset}: a score is NaN (non-finite features?), "
+            "ranks are undefined"
+        )
+
+
+def _ascending_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2**32) that orders float32 values ascending (see :func:`_descending_key`)."""
+    return 2**32 - 1 - _descending_key(x)
+
+
 def _descending_key(x: torch.Tensor) -> torch.Tensor:
     """int64 in [0, 2**32) that orders float32 values descending: larger x -> smaller key.
 
@@ -357,6 +371,10 @@ def _descending_key(x: torch.Tensor) -> torch.Tensor:
     bits = (x + 0.0).view(torch.int32)
     mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # ascending with x
     return (2**31 - 1) - mono  # ascending with -x, in [0, 2**32)
+
+
+# Above this share of a block's scores as candidates, whole rows are sorted instead.
+CANDIDATE_SHARE = 0.25
 
 
 class _Ranker:
@@ -399,12 +417,16 @@ class _Ranker:
             for start in range(0, num_queries, chunk_size):
                 stop = min(start + chunk_size, num_queries)
                 scores = score_rows(start, stop).detach()  # (C, G) float32
-                sorted_rows = _sort_rows(
-                    scores, sorted_buf[: stop - start], pool, threads
-                )  # (C, G) ascending
-                ranks.append(self._match_ranks(scores, sorted_rows, groups[start:stop], start).cpu())
+                _check_no_nan(scores, start)
+                chunk_groups = groups[start:stop]
+                rank = self._match_ranks_from_candidates(scores, chunk_groups)
+                if rank is None:  # matches spread over most of the gallery: sort whole rows
+                    sorted_rows = _sort_rows(scores, sorted_buf[: stop - start], pool, threads)  # ascending
+                    rank = self._match_ranks(scores, sorted_rows, chunk_groups)
+                ranks.append(rank.cpu())
                 if self.topk:
-                    topk_idx.append(self._topk(scores, sorted_rows, mask_buf[: stop - start]).cpu())
+                    kth = torch.topk(scores, self.topk, dim=1, sorted=True).values[:, -1]  # (C,)
+                    topk_idx.append(self._topk(scores, kth, mask_buf[: stop - start]).cpu())
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -415,9 +437,27 @@ class _Ranker:
             topk_match = self.gallery_group.cpu()[topk_indices] == groups.cpu()[:, None]
         return QueryRanks(torch.cat(ranks), num_matches, self.num_gallery, topk_indices, topk_match)
 
-    def _match_ranks(
-        self, scores: torch.Tensor, sorted_rows: torch.Tensor, groups: torch.Tensor, row_offset: int
+    def _matches(self, scores: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C, M) gallery indices of each row's matches (0 where padded), their validity and scores."""
+        members = self.table[groups.clamp(min=0)]  # (C, M) gallery indices, -1 pad
+        member_ok = (members >= 0) & (groups >= 0)[:, None]
+        members = members.clamp(min=0)
+        return members, member_ok, scores.gather(1, members).contiguous()
+
+    def _finish(
+        self, scores: torch.Tensor, rank: torch.Tensor, below_or_equal: torch.Tensor, below: torch.Tensor,
+        members: torch.Tensor, member_ok: torch.Tensor, match_scores: torch.Tensor,
     ) -> torch.Tensor:
+        """Ties resolved by gallery index, ranks ordered per row, padding zeroed."""
+        tied = member_ok & (below_or_equal - below > 1)
+        if bool(tied.any()):
+            rank[tied] += _equal_before(scores, tied, members, match_scores)
+        # Order each query's match ranks; padding sorts last and is then zeroed.
+        rank = torch.where(member_ok, rank, scores.shape[1] + 1).sort(dim=1).values
+        num_matches = member_ok.sum(dim=1, keepdim=True)  # (C, 1)
+        return torch.where(torch.arange(self.max_matches, device=scores.device) < num_matches, rank, 0)
+
+    def _match_ranks(self, scores: torch.Tensor, sorted_rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """(C, M) ranks of each query's matches, increasing, 0-padded, for one (C, G) block.
 
         A match's rank is 1 + (items scoring strictly higher) + (items scoring the same with a
@@ -425,31 +465,45 @@ class _Ranker:
         is non-zero only when the match's score occurs more than once in the row, which a
         second search reveals, and is then counted directly on the few tied pairs.
         """
-        num_gallery, m_max = scores.shape[1], self.max_matches
-        dev = scores.device
-        if bool(torch.isnan(sorted_rows[:, -1]).any()):  # NaN sorts last
-            bad = int(torch.isnan(sorted_rows[:, -1]).nonzero()[0, 0]) + row_offset
-            raise ValueError(f"query {bad}: a score is NaN (non-finite features?), ranks are undefined")
-        members = self.table[groups.clamp(min=0)]  # (C, M) gallery indices, -1 pad
-        member_ok = (members >= 0) & (groups >= 0)[:, None]
-        members = members.clamp(min=0)
-        match_scores = scores.gather(1, members).contiguous()  # (C, M)
+        members, member_ok, match_scores = self._matches(scores, groups)
         below_or_equal = torch.searchsorted(sorted_rows, match_scores, right=True)  # (C, M)
         below = torch.searchsorted(sorted_rows, match_scores, right=False)
-        rank = (num_gallery - below_or_equal) + 1  # (C, M)
-        tied = member_ok & (below_or_equal - below > 1)
-        if bool(tied.any()):
-            rank[tied] += _equal_before(scores, tied, members, match_scores)
-        # Order each query's match ranks; padding sorts last and is then zeroed.
-        rank = torch.where(member_ok, rank, num_gallery + 1).sort(dim=1).values
-        num_matches = member_ok.sum(dim=1, keepdim=True)  # (C, 1)
-        return torch.where(torch.arange(m_max, device=dev) < num_matches, rank, 0)
+        rank = (scores.shape[1] - below_or_equal) + 1  # (C, M)
+        return self._finish(scores, rank, below_or_equal, below, members, member_ok, match_scores)
 
-    def _topk(self, scores: torch.Tensor, sorted_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(C, k) indices of the k best gallery items per row, ties to the lower index."""
+    def _match_ranks_from_candidates(self, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor | None:
+        """The same ranks as :meth:`_match_ranks` without sorting whole rows.
+
+        Only items scoring at least a row's lowest match score can rank above (or tie with)
+        any of its matches. With a trained model those are a small share of the gallery, so
+        only they are sorted: all rows' candidates at once, by (row, score) packed into one
+        int64 key, and each match's counts are binary searches in that key array. Returns
+        None when the candidates exceed ``CANDIDATE_SHARE`` of the block (sorting whole rows
+        is then cheaper).
+        """
         num_rows, num_gallery = scores.shape
         dev = scores.device
-        kth = sorted_rows[:, num_gallery - self.topk]  # (C,) k-th largest score
+        members, member_ok, match_scores = self._matches(scores, groups)
+        inf = torch.tensor(float("inf"), device=dev)
+        lowest = torch.where(member_ok, match_scores, inf).amin(dim=1)  # (C,); +inf: no match
+        candidate = scores >= lowest[:, None]  # (C, G)
+        if int(candidate.sum()) > num_rows * num_gallery * CANDIDATE_SHARE:
+            return None
+        rows, cols = candidate.nonzero(as_tuple=True)
+        row_base = torch.arange(num_rows, device=dev, dtype=torch.int64) * 2**32
+        keys = torch.sort(row_base[rows] + _ascending_key(scores[rows, cols])).values  # (N,)
+        match_keys = row_base[:, None] + _ascending_key(match_scores)  # (C, M)
+        below_or_equal = torch.searchsorted(keys, match_keys, right=True)  # global positions
+        below = torch.searchsorted(keys, match_keys, right=False)
+        row_end = torch.searchsorted(keys, row_base + 2**32)  # (C,) end of each row's candidates
+        rank = (row_end[:, None] - below_or_equal) + 1  # 1 + items scoring strictly higher
+        return self._finish(scores, rank, below_or_equal, below, members, member_ok, match_scores)
+
+    def _topk(self, scores: torch.Tensor, kth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(C, k) indices of the k best gallery items per row, ties to the lower index; ``kth``
+        is each row's k-th largest score."""
+        num_rows, num_gallery = scores.shape
+        dev = scores.device
         # Candidates: everything scoring at least the k-th best (k per row unless there are
         # ties). Sorting them by (row, score desc, index asc) puts the top k first in each row.
         torch.ge(scores, kth[:, None], out=mask)  # (C, G)

@@ -20,13 +20,16 @@ vision position embeddings (interpolated to our grid), the text position embeddi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPTextEmbeddings
 
 from tpr_core.config import ModelConfig
@@ -36,6 +39,7 @@ __all__ = [
     "DualEncoder",
     "build_dual_encoder",
     "check_clip_dir",
+    "clip_skeleton",
     "interpolate_pos_embed",
     "load_clip_dir",
     "pool_eos",
@@ -319,6 +323,21 @@ class DualEncoder(nn.Module):
 # --------------------------------------------------------------------------- pretrained
 
 
+_SKELETON: contextvars.ContextVar[bool] = contextvars.ContextVar("tpr_clip_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def clip_skeleton() -> Iterator[None]:
+    """Inside this context a ``model.pretrained`` directory needs only its ``config.json``: the
+    towers get the checkpoint's sizes with untrained weights, for a state dict to overwrite
+    (how an exported model rebuilds itself without the CLIP weights it started from)."""
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
 def check_clip_dir(path: str | Path) -> Path:
     """Check that ``path`` is a local Hugging Face CLIP directory, before any work starts.
 
@@ -349,7 +368,7 @@ def check_clip_dir(path: str | Path) -> Path:
         raise ValueError(f"{not_clip}; {cfg_file} is not a JSON object") from None
     if model_type != "clip":
         raise ValueError(f"{not_clip}; {cfg_file} has model_type {model_type!r}")
-    if not any((p / f).is_file() for f in _WEIGHT_FILES):
+    if not _SKELETON.get() and not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise ValueError(
             f"model.pretrained {path}: CLIP config found but no weights ({' or '.join(_WEIGHT_FILES)})"
         )
@@ -385,7 +404,10 @@ def load_clip_dir(
         The encoder holding the checkpoint's weights.
     """
     p = check_clip_dir(path)
-    clip = CLIPModel.from_pretrained(str(p), local_files_only=True)
+    if _SKELETON.get():
+        clip = CLIPModel(CLIPConfig.from_pretrained(str(p), local_files_only=True))
+    else:
+        clip = CLIPModel.from_pretrained(str(p), local_files_only=True)
     cc, vc, tc = clip.config, clip.config.vision_config, clip.config.text_config
     if vc.patch_size != patch_size:
         raise ValueError(
