@@ -32,6 +32,7 @@ from pipelines.storage import is_uri, local_dir, upload_dir, write_bytes, write_
 from tpr_core.config import ExperimentConfig, flatten
 
 _STATE_TAG = "state"
+REDUCE_BUCKET_SIZE = 50_000_000  # elements per gradient reduction bucket (ZeRO 1-3)
 
 
 class _Wrapped(nn.Module):
@@ -98,6 +99,10 @@ def ds_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if d.zero_stage >= 1:
+        # DeepSpeed's default bucket (5e8 elements, 1.9 GiB in fp32) is allocated whole under
+        # ZeRO-3: more than all of the base model's gradients. 5e7 keeps reductions large.
+        conf["zero_optimization"]["reduce_bucket_size"] = REDUCE_BUCKET_SIZE
     if d.zero_stage == 3:
         # Gather full weights on save so a ZeRO-3 checkpoint also carries consolidated weights.
         conf["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
