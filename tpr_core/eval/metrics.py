@@ -487,7 +487,7 @@ class _Ranker:
         inf = torch.tensor(float("inf"), device=dev)
         lowest = torch.where(member_ok, match_scores, inf).amin(dim=1)  # (C,); +inf: no match
         candidate = scores >= lowest[:, None]  # (C, G)
-        if int(candidate.sum()) > num_rows * num_gallery * CANDIDATE_SHARE:
+        if int(torch.count_nonzero(candidate)) > num_rows * num_gallery * CANDIDATE_SHARE:
             return None
         rows, cols = candidate.nonzero(as_tuple=True)
         row_base = torch.arange(num_rows, device=dev, dtype=torch.int64) * 2**32
