@@ -12,9 +12,8 @@ By default the bench starts one local Ray head of its own (``ray start --head``)
 sweeps connect to it through ``RAY_ADDRESS``, as ``tpr sweep`` does on a cluster; each sweep
 still starts and stops its own MLflow server and runs in its own runs folder. (With
 ``--ray per-sweep`` each sweep starts its own local Ray, as ``tpr sweep`` does on one
-machine; but when another Ray instance runs on the same machine, Ray Train's
-placement-group cleaner cannot tell which cluster is its own, the CPUs of trials that ASHA
-stops are never released, and the sweep stalls: the head of our own carries its address.)
+machine; ``pipelines.setup.init_ray`` then gives the job its own dashboard address, so Ray
+Train's placement-group cleaner asks the right instance even when others run here.)
 ASHA runs first, so any cold-start cost (page cache, first imports) falls on it rather than
 on the baseline. Printed: wall time of each sweep,
 trials finished / stopped, epochs trained in all, the best ``val/R1`` over all trials and
