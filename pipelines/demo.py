@@ -63,7 +63,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     else:
         base_over = ["train.epochs=6", "train.eval_every=2", "train.checkpoint_every=2"]
         trial_over = ["train.epochs=4", "train.eval_every=1", "train.checkpoint_every=1",
-                      "train.max_steps_per_epoch=20", "data.batch_size=32"]
+                      "train.max_steps_per_epoch=25", "data.batch_size=32"]
     t0 = time.time()
     out: dict[str, Any] = {}
     with tracking_server(runs_dir):
