@@ -373,6 +373,9 @@ def _descending_key(x: torch.Tensor) -> torch.Tensor:
     return (2**31 - 1) - mono  # ascending with -x, in [0, 2**32)
 
 
+# (C, M) gallery indices of each query's matches (0 where padded), their validity, their scores.
+Matches = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 # Above this share of a block's scores as candidates, whole rows are sorted instead.
 CANDIDATE_SHARE = 0.25
 
@@ -418,11 +421,11 @@ class _Ranker:
                 stop = min(start + chunk_size, num_queries)
                 scores = score_rows(start, stop).detach()  # (C, G) float32
                 _check_no_nan(scores, start)
-                chunk_groups = groups[start:stop]
-                rank = self._match_ranks_from_candidates(scores, chunk_groups)
+                matches = self._matches(scores, groups[start:stop])
+                rank = self._match_ranks_from_candidates(scores, matches)
                 if rank is None:  # matches spread over most of the gallery: sort whole rows
                     sorted_rows = _sort_rows(scores, sorted_buf[: stop - start], pool, threads)  # ascending
-                    rank = self._match_ranks(scores, sorted_rows, chunk_groups)
+                    rank = self._match_ranks(scores, sorted_rows, matches)
                 ranks.append(rank.cpu())
                 if self.topk:
                     kth = torch.topk(scores, self.topk, dim=1, sorted=True).values[:, -1]  # (C,)
@@ -437,7 +440,7 @@ class _Ranker:
             topk_match = self.gallery_group.cpu()[topk_indices] == groups.cpu()[:, None]
         return QueryRanks(torch.cat(ranks), num_matches, self.num_gallery, topk_indices, topk_match)
 
-    def _matches(self, scores: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _matches(self, scores: torch.Tensor, groups: torch.Tensor) -> Matches:
         """(C, M) gallery indices of each row's matches (0 where padded), their validity and scores."""
         members = self.table[groups.clamp(min=0)]  # (C, M) gallery indices, -1 pad
         member_ok = (members >= 0) & (groups >= 0)[:, None]
@@ -446,9 +449,10 @@ class _Ranker:
 
     def _finish(
         self, scores: torch.Tensor, rank: torch.Tensor, below_or_equal: torch.Tensor, below: torch.Tensor,
-        members: torch.Tensor, member_ok: torch.Tensor, match_scores: torch.Tensor,
+        matches: Matches,
     ) -> torch.Tensor:
         """Ties resolved by gallery index, ranks ordered per row, padding zeroed."""
+        members, member_ok, match_scores = matches
         tied = member_ok & (below_or_equal - below > 1)
         if bool(tied.any()):
             rank[tied] += _equal_before(scores, tied, members, match_scores)
@@ -457,7 +461,7 @@ class _Ranker:
         num_matches = member_ok.sum(dim=1, keepdim=True)  # (C, 1)
         return torch.where(torch.arange(self.max_matches, device=scores.device) < num_matches, rank, 0)
 
-    def _match_ranks(self, scores: torch.Tensor, sorted_rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def _match_ranks(self, scores: torch.Tensor, sorted_rows: torch.Tensor, matches: Matches) -> torch.Tensor:
         """(C, M) ranks of each query's matches, increasing, 0-padded, for one (C, G) block.
 
         A match's rank is 1 + (items scoring strictly higher) + (items scoring the same with a
@@ -465,13 +469,13 @@ class _Ranker:
         is non-zero only when the match's score occurs more than once in the row, which a
         second search reveals, and is then counted directly on the few tied pairs.
         """
-        members, member_ok, match_scores = self._matches(scores, groups)
+        match_scores = matches[2]
         below_or_equal = torch.searchsorted(sorted_rows, match_scores, right=True)  # (C, M)
         below = torch.searchsorted(sorted_rows, match_scores, right=False)
         rank = (scores.shape[1] - below_or_equal) + 1  # (C, M)
-        return self._finish(scores, rank, below_or_equal, below, members, member_ok, match_scores)
+        return self._finish(scores, rank, below_or_equal, below, matches)
 
-    def _match_ranks_from_candidates(self, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor | None:
+    def _match_ranks_from_candidates(self, scores: torch.Tensor, matches: Matches) -> torch.Tensor | None:
         """The same ranks as :meth:`_match_ranks` without sorting whole rows.
 
         Only items scoring at least a row's lowest match score can rank above (or tie with)
@@ -483,7 +487,7 @@ class _Ranker:
         """
         num_rows, num_gallery = scores.shape
         dev = scores.device
-        members, member_ok, match_scores = self._matches(scores, groups)
+        _, member_ok, match_scores = matches
         inf = torch.tensor(float("inf"), device=dev)
         lowest = torch.where(member_ok, match_scores, inf).amin(dim=1)  # (C,); +inf: no match
         candidate = scores >= lowest[:, None]  # (C, G)
@@ -497,7 +501,7 @@ class _Ranker:
         below = torch.searchsorted(keys, match_keys, right=False)
         row_end = torch.searchsorted(keys, row_base + 2**32)  # (C,) end of each row's candidates
         rank = (row_end[:, None] - below_or_equal) + 1  # 1 + items scoring strictly higher
-        return self._finish(scores, rank, below_or_equal, below, members, member_ok, match_scores)
+        return self._finish(scores, rank, below_or_equal, below, matches)
 
     def _topk(self, scores: torch.Tensor, kth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(C, k) indices of the k best gallery items per row, ties to the lower index; ``kth``
