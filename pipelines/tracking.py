@@ -45,6 +45,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.env import scoped_env
+
 RUN_KEY_TAG = "tpr.run_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
@@ -268,15 +270,10 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
         )
 
     assert proc is not None
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = url
     try:
-        yield url
+        with scoped_env(MLFLOW_TRACKING_URI=url):
+            yield url
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
         _stop_group(proc)
 
 

@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import functools
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipelines.env import scoped_env
 
 REPO = Path(__file__).resolve().parents[2]
 SPLIT = "val"
@@ -38,13 +39,8 @@ def _shared_server() -> str:
     from pipelines import tracking
 
     stack = contextlib.ExitStack()
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with scoped_env(MLFLOW_TRACKING_URI=None):  # the server's own setting ends with this block
         uri = stack.enter_context(tracking.tracking_server(_CACHE / "runs"))
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     atexit.register(stack.close)
     return uri
 
@@ -53,15 +49,8 @@ def _shared_server() -> str:
 def tracking_uri() -> Iterator[str]:
     """Point MLflow at the shared test server for the duration (restores the variable after)."""
     uri = _shared_server()
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with scoped_env(MLFLOW_TRACKING_URI=uri):
         yield uri
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @functools.cache
