@@ -20,7 +20,7 @@ trials finished / stopped, epochs trained in all, the best ``val/R1`` over all t
 over the trials that ran to the end (the ones a sweep can promote), and the ratios (aim:
 ASHA at most 0.6x the wall time with its best ``val/R1`` within 2 points).
 
-    DS_ACCELERATOR=cpu python bench/asha_vs_fifo.py --trials 8 --epochs 4 --max-steps 10
+    DS_ACCELERATOR=cpu python bench/asha_vs_fifo.py --trials 8 --epochs 8 --max-steps 20
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def own_ray_cluster(num_cpus: int, log_path: Path, timeout_s: float = 180.0) -> 
     """
     import ray.util
 
+    from pipelines.env import scoped_env
+
     ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port",
                                        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                        "runtime-env-agent-port", "metrics-export-port")}
@@ -121,7 +123,6 @@ def own_ray_cluster(num_cpus: int, log_path: Path, timeout_s: float = 180.0) -> 
            f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    previous = os.environ.get("RAY_ADDRESS")
     try:
         deadline = time.time() + timeout_s
         url = f"http://127.0.0.1:{ports['dashboard-port']}/api/version"  # the dashboard binds loopback
@@ -140,13 +141,9 @@ def own_ray_cluster(num_cpus: int, log_path: Path, timeout_s: float = 180.0) -> 
             if time.time() > deadline:
                 raise RuntimeError(f"the Ray head did not come up in {timeout_s:.0f}s; see {log_path}")
             time.sleep(2)
-        os.environ["RAY_ADDRESS"] = address
-        yield address
+        with scoped_env(RAY_ADDRESS=address):
+            yield address
     finally:
-        if previous is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = previous
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=90)
@@ -203,8 +200,8 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--max-steps", type=int, default=10, help="train.max_steps_per_epoch")
+    parser.add_argument("--epochs", type=int, default=8, help="the tiny config's own")
+    parser.add_argument("--max-steps", type=int, default=20, help="train.max_steps_per_epoch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--identities", type=int, default=200, help="synthetic identities (70%% train)")
     parser.add_argument("--search", choices=["random", "optuna"], default="random")
