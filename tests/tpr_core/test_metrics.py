@@ -25,12 +25,16 @@ def _one_thread():
     torch.set_num_threads(prev)
 
 
-@pytest.fixture(autouse=True, params=["candidates", "sorted-rows"])
+@pytest.fixture(autouse=True, params=["row-candidates", "candidates", "sorted-rows"])
 def ranking_path(request, monkeypatch):
-    """Every test runs on both ways of finding match ranks: sorting only the items that score at
-    least a query's lowest match (taken whenever allowed here), and sorting whole rows."""
+    """Every test runs on each way of finding match ranks: the CPU's per-row sort of the items
+    scoring at least the row's lowest match; the other devices' sort of all rows' candidates
+    at once (taken whenever allowed here); and their sort of whole rows. Features are scored
+    with numpy's matmul on the CPU's own path, with torch.mm on the others."""
     from tpr_core.eval import metrics
 
+    monkeypatch.setattr(metrics, "CPU_ROW_CANDIDATES", request.param == "row-candidates")
+    monkeypatch.setattr(metrics, "CPU_NUMPY_MATMUL", request.param == "row-candidates")
     monkeypatch.setattr(metrics, "CANDIDATE_SHARE", 1.0 if request.param == "candidates" else -1.0)
     return request.param
 
@@ -315,3 +319,24 @@ def test_bad_inputs_raise_with_names():
         retrieval_metrics_from_features(torch.ones(2, 4), torch.ones(3, 4), [0, 1], [0, 1, 2], chunk_size=0)
     with pytest.raises(ValueError, match="ks must be positive"):
         retrieval_metrics(sim, [0, 1], [0, 1, 2], ks=(0,))
+
+
+def test_overflowing_scores_are_refused_not_ranked():
+    """Unnormalised finite features whose products overflow give inf or NaN scores (which one
+    depends on the BLAS); the finiteness check, skipped only when the scores are provably
+    finite, must name the query."""
+    from tpr_core.eval.metrics import _scores_bounded
+
+    big = 3e19  # big * big * 2 overflows float32, each feature is finite
+    q = torch.tensor([[1.0, 1.0], [big, -big]])
+    g = torch.tensor([[1.0, 0.0], [big, big], [0.0, 1.0]])
+    assert not _scores_bounded(q, g, normalized=False)
+    assert _scores_bounded(q, g / big, normalized=False)
+    assert _scores_bounded(q, g, normalized=True)
+    # float64 features beyond float32's range turn into inf when scored in float32
+    assert not _scores_bounded(torch.tensor([[1e300, 0.0]], dtype=torch.float64), g, normalized=True)
+    with pytest.raises(ValueError, match="query 1"):
+        retrieval_metrics_from_features(q, g, [0, 1], [0, 1, 2], normalize=False)
+    # normalised, the same features rank fine
+    out = retrieval_metrics_from_features(q, g, [0, 1], [0, 1, 2], normalize=True)
+    assert out["num_valid_queries"] == 2.0

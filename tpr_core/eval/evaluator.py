@@ -110,7 +110,7 @@ def evaluate_features(
     i2t: bool = False,
     image_ids: torch.Tensor | Sequence | None = None,
     text_ids: torch.Tensor | Sequence | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     device: torch.device | str | None = None,
 ) -> EvalResult:
     """Metrics from already computed features (cosine similarity, exact ranks).
@@ -171,7 +171,7 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     return_topk: int = 0,
     i2t: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
 ) -> EvalResult:
     """Encode a split's gallery images and query captions, then rank (text-to-image).
 

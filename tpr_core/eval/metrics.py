@@ -23,23 +23,29 @@ defined rank); the returned dict says how many there were (``num_queries`` vs
 ``num_valid_queries``).
 
 How the chunked path stays exact and cheap: a match's rank is 1 + the number of items
-scoring strictly higher + the number of items with the same score and a lower index. Each
-row of a chunk is sorted by value only (no indices: numpy's vectorised sort on CPU,
-``torch.sort`` on GPU), and two binary searches per match give the first count and reveal
-whether the match's score is shared; only those rare tied pairs are counted directly.
-Top-k lists, when asked for, come from the few items scoring at least the k-th best,
-sorted by (score desc, index asc).
+scoring strictly higher + the number of items with the same score and a lower index. Only
+items scoring at least a row's lowest match can count, so only those *candidates* are
+sorted, by value only (no indices), and two binary searches per match give the first count
+and reveal whether the match's score is shared; only those rare tied pairs are counted
+directly. On CPU each row's candidates are selected and sorted on their own (numpy's
+vectorised sort), on tpr's threads, which also score their rows with numpy's BLAS, one BLAS
+thread each; on GPU all rows' candidates are sorted at once by a packed (row, score) key,
+or whole rows with ``torch.sort`` when candidates are most of the block. Top-k lists, when
+asked for, come from the few items scoring at least the k-th best, sorted by (score desc,
+index asc).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "QueryRanks",
@@ -174,7 +180,7 @@ def retrieval_metrics_from_features(
     query_pids: torch.Tensor | np.ndarray | Sequence[int],
     gallery_pids: torch.Tensor | np.ndarray | Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     device: torch.device | str | None = None,
     normalize: bool = True,
 ) -> dict[str, float]:
@@ -212,7 +218,7 @@ def rank_gallery(
     query_pids: torch.Tensor | np.ndarray | Sequence[int],
     gallery_pids: torch.Tensor | np.ndarray | Sequence[int],
     return_topk: int = 0,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
 ) -> QueryRanks:
     """Per-query match ranks (and optionally top-k lists) from a full (Q, G) similarity matrix.
 
@@ -240,7 +246,8 @@ def rank_gallery(
             raise ValueError(f"similarity row {bad} (query {bad}) holds a non-finite score")
         return block
 
-    return ranker.run(score_rows, qp.to(sim.device), sim.shape[0], chunk_size)
+    # score_rows has checked every block for non-finite scores already.
+    return ranker.run(score_rows, qp.to(sim.device), sim.shape[0], chunk_size, check_finite=False)
 
 
 def rank_gallery_from_features(
@@ -248,7 +255,7 @@ def rank_gallery_from_features(
     gallery_feats: torch.Tensor,
     query_pids: torch.Tensor | np.ndarray | Sequence[int],
     gallery_pids: torch.Tensor | np.ndarray | Sequence[int],
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     device: torch.device | str | None = None,
     normalize: bool = True,
     return_topk: int = 0,
@@ -289,19 +296,49 @@ def rank_gallery_from_features(
     g = g.to(dev, torch.float32)
     if normalize:
         g = F.normalize(g, dim=1)
+    bounded = _scores_bounded(q, g, normalize)
     gt = g.t()  # (D, G) view; BLAS reads the transpose in place, no copy
     ranker = _Ranker(gp.to(dev), return_topk)
 
     # One score buffer for all chunks (see _Ranker.run).
     buffer = torch.empty(min(chunk_size, q.shape[0]), g.shape[0], dtype=torch.float32, device=dev)
 
+    # On CPU the product goes through numpy's BLAS (OpenBLAS in the numpy wheels), one BLAS
+    # thread per row block on tpr's own threads, which then rank their rows. At ICFG size on
+    # a 2-core AMD EPYC (AVX2) numpy scored in 2.4 s where torch.mm (MKL) took 3.9 s; and
+    # with BLAS's own threads, each product left a thread spinning for tens of milliseconds
+    # afterwards, which nearly halved the speed of the ranking that followed (bench/README.md).
+    threads = _RowThreads(torch.get_num_threads() if dev.type == "cpu" else 1)
+    cpu_blas = dev.type == "cpu" and CPU_NUMPY_MATMUL
+    gt_np = gt.numpy() if cpu_blas else None
+
     def score_rows(start: int, stop: int) -> torch.Tensor:
         qc = q[start:stop].to(dev, torch.float32)  # (C, D)
         if normalize:
             qc = F.normalize(qc, dim=1)
-        return torch.mm(qc, gt, out=buffer[: stop - start])  # (C, G)
+        out = buffer[: stop - start]
+        if not cpu_blas:
+            return torch.mm(qc, gt, out=out)  # (C, G)
+        q_np, out_np = qc.numpy(), out.numpy()
 
-    return ranker.run(score_rows, qp.to(dev), q.shape[0], chunk_size)
+        def score_block(rows: range) -> None:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused afterwards
+                np.matmul(q_np[rows.start : rows.stop], gt_np, out=out_np[rows.start : rows.stop])
+
+        threads.map(score_block, stop - start)
+        return out
+
+    # threadpool_limits is process-wide: BLAS calls elsewhere run single-threaded meanwhile.
+    limits = (
+        threadpool_limits(limits=1, user_api="blas") if cpu_blas and threads.workers > 1 else nullcontext()
+    )
+    try:
+        with limits:
+            return ranker.run(
+                score_rows, qp.to(dev), q.shape[0], chunk_size, check_finite=not bounded, threads=threads
+            )
+    finally:
+        threads.close()
 
 
 # --------------------------------------------------------------------------- internals
@@ -347,12 +384,32 @@ def _check_pids(
     return qp, gp
 
 
-def _check_no_nan(scores: torch.Tensor, row_offset: int) -> None:
-    bad = torch.isnan(scores).any(dim=1)
+def _scores_bounded(q: torch.Tensor, g: torch.Tensor, normalized: bool) -> bool:
+    """True when the float32 scores ``q @ g.T`` cannot hold inf or NaN (no finiteness check needed).
+
+    ``q`` is the raw query features (converted to float32 chunk by chunk), ``g`` the float32
+    gallery as scored. Finite float32 operands give finite products unless a sum overflows;
+    by Cauchy-Schwarz every partial sum is at most about ``|q_i| |g_j|`` (a factor 2 covers
+    rounding), checked against float32's largest value; unit vectors always pass.
+    """
+    q32 = q.to(torch.float32)  # float64 features beyond float32's range become inf here
+    if not (bool(torch.isfinite(q32).all()) and bool(torch.isfinite(g).all())):
+        return False
+    if normalized:
+        return True
+    bound = (
+        torch.linalg.vector_norm(q32, dim=1, dtype=torch.float64).max()
+        * torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).max()
+    )
+    return bool(torch.isfinite(bound)) and float(bound) < torch.finfo(torch.float32).max / 2
+
+
+def _check_finite(scores: torch.Tensor, row_offset: int) -> None:
+    bad = ~torch.isfinite(scores).all(dim=1)
     if bool(bad.any()):
         raise ValueError(
-            f"query {int(bad.nonzero()[0, 0]) + row_offset}: a score is NaN (non-finite features?), "
-            "ranks are undefined"
+            f"query {int(bad.nonzero()[0, 0]) + row_offset}: a score is not finite (non-finite "
+            "features, or products overflowing float32), ranks are undefined"
         )
 
 
@@ -373,11 +430,40 @@ def _descending_key(x: torch.Tensor) -> torch.Tensor:
     return (2**31 - 1) - mono  # ascending with -x, in [0, 2**32)
 
 
+class _RowThreads:
+    """CPU threads that each take one contiguous range of a block's rows (numpy releases the
+    GIL in BLAS products, comparisons and sorts, so the ranges run in parallel)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def map(self, fn: Callable[[range], None], num_rows: int) -> None:
+        """``fn(rows)`` for each of up to ``workers`` consecutive ranges covering ``range(num_rows)``."""
+        step = -(-num_rows // self.workers)
+        blocks = [range(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+        if self._pool is None or len(blocks) == 1:
+            for rows in blocks:
+                fn(rows)
+        else:
+            list(self._pool.map(fn, blocks))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 # (C, M) gallery indices of each query's matches (0 where padded), their validity, their scores.
 Matches = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-# Above this share of a block's scores as candidates, whole rows are sorted instead.
+# Above this share of a block's scores as candidates, whole rows are sorted instead (the
+# path off the CPU).
 CANDIDATE_SHARE = 0.25
+# On CPU, rank each row from its own candidates (see _Ranker._match_ranks_per_row).
+CPU_ROW_CANDIDATES = True
+# On CPU, score feature chunks with numpy's matmul instead of torch.mm (see
+# rank_gallery_from_features).
+CPU_NUMPY_MATMUL = True
 
 
 class _Ranker:
@@ -406,7 +492,18 @@ class _Ranker:
         found = self.group_pids[pos] == query_pids
         return torch.where(found, pos, torch.full_like(pos, -1))
 
-    def run(self, score_rows, query_pids: torch.Tensor, num_queries: int, chunk_size: int) -> QueryRanks:
+    def run(
+        self,
+        score_rows,
+        query_pids: torch.Tensor,
+        num_queries: int,
+        chunk_size: int,
+        check_finite: bool = True,
+        threads: _RowThreads | None = None,
+    ) -> QueryRanks:
+        """Ranks of every query's matches; ``score_rows(start, stop)`` gives a (C, G) float32 block.
+        ``check_finite=False`` when the caller knows the blocks are finite (one pass less per block);
+        ``threads``: the CPU row threads to use (default: new ones, one per torch thread)."""
         groups = self.query_groups(query_pids)  # (Q,)
         rows = min(chunk_size, num_queries)
         dev = groups.device
@@ -414,25 +511,30 @@ class _Ranker:
         sorted_buf = torch.empty(rows, self.num_gallery, dtype=torch.float32, device=dev)
         mask_buf = torch.empty(rows, self.num_gallery, dtype=torch.bool, device=dev) if self.topk else None
         ranks, topk_idx = [], []
-        threads = torch.get_num_threads() if dev.type == "cpu" else 1
-        pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        own_threads = threads is None
+        if own_threads:
+            threads = _RowThreads(torch.get_num_threads() if dev.type == "cpu" else 1)
         try:
             for start in range(0, num_queries, chunk_size):
                 stop = min(start + chunk_size, num_queries)
                 scores = score_rows(start, stop).detach()  # (C, G) float32
-                _check_no_nan(scores, start)
+                if check_finite:
+                    _check_finite(scores, start)
                 matches = self._matches(scores, groups[start:stop])
-                rank = self._match_ranks_from_candidates(scores, matches)
+                if dev.type == "cpu" and CPU_ROW_CANDIDATES:
+                    rank = self._match_ranks_per_row(scores, matches, threads)
+                else:
+                    rank = self._match_ranks_from_candidates(scores, matches)
                 if rank is None:  # matches spread over most of the gallery: sort whole rows
-                    sorted_rows = _sort_rows(scores, sorted_buf[: stop - start], pool, threads)  # ascending
+                    sorted_rows = _sort_rows(scores, sorted_buf[: stop - start], threads)  # ascending
                     rank = self._match_ranks(scores, sorted_rows, matches)
                 ranks.append(rank.cpu())
                 if self.topk:
                     kth = torch.topk(scores, self.topk, dim=1, sorted=True).values[:, -1]  # (C,)
                     topk_idx.append(self._topk(scores, kth, mask_buf[: stop - start]).cpu())
         finally:
-            if pool is not None:
-                pool.shutdown()
+            if own_threads:
+                threads.close()
         num_matches = torch.where(groups >= 0, self.group_size[groups.clamp(min=0)], 0).cpu()
         topk_indices = topk_match = None
         if self.topk:
@@ -448,7 +550,11 @@ class _Ranker:
         return members, member_ok, scores.gather(1, members).contiguous()
 
     def _finish(
-        self, scores: torch.Tensor, rank: torch.Tensor, below_or_equal: torch.Tensor, below: torch.Tensor,
+        self,
+        scores: torch.Tensor,
+        rank: torch.Tensor,
+        below_or_equal: torch.Tensor,
+        below: torch.Tensor,
         matches: Matches,
     ) -> torch.Tensor:
         """Ties resolved by gallery index, ranks ordered per row, padding zeroed."""
@@ -503,6 +609,41 @@ class _Ranker:
         rank = (row_end[:, None] - below_or_equal) + 1  # 1 + items scoring strictly higher
         return self._finish(scores, rank, below_or_equal, below, matches)
 
+    def _match_ranks_per_row(
+        self, scores: torch.Tensor, matches: Matches, threads: _RowThreads
+    ) -> torch.Tensor:
+        """The same ranks as :meth:`_match_ranks`, on CPU, sorting each row's candidates alone.
+
+        A row's candidates are its items scoring at least its lowest match; only they can rank
+        above (or tie with) a match. Each row's candidates are copied out and sorted with numpy's
+        vectorised sort (float32 values, no indices), so a row costs one comparison pass plus a
+        sort of its candidates, however deep its last match lies. Row blocks run on ``threads``
+        (numpy releases the GIL while it sorts).
+        """
+        num_rows = scores.shape[0]
+        _, member_ok, match_scores = matches
+        lowest = torch.where(member_ok, match_scores, float("inf")).amin(dim=1)  # (C,); +inf: no match
+        src, low, values = scores.numpy(), lowest.numpy(), match_scores.numpy()
+        higher = np.empty(match_scores.shape, dtype=np.int64)  # items scoring strictly higher
+        tie_span = np.empty(match_scores.shape, dtype=np.int64)  # items scoring the same, match included
+
+        def rank_block(rows: range) -> None:
+            for i in rows:
+                row = src[i]
+                # One pass selects the row's candidates (np.compress is several times faster
+                # than boolean indexing, and per row as fast as a whole block's mask, count and
+                # compress together), which are then sorted in place.
+                candidates = np.compress(row >= low[i], row)
+                candidates.sort()
+                at_or_below = np.searchsorted(candidates, values[i], side="right")
+                higher[i] = candidates.size - at_or_below
+                tie_span[i] = at_or_below - np.searchsorted(candidates, values[i], side="left")
+
+        threads.map(rank_block, num_rows)
+        higher_t, span = torch.from_numpy(higher), torch.from_numpy(tie_span)
+        # _finish reads "tied" from below_or_equal - below > 1; pass the span in that form.
+        return self._finish(scores, higher_t + 1, span, torch.zeros_like(span), matches)
+
     def _topk(self, scores: torch.Tensor, kth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(C, k) indices of the k best gallery items per row, ties to the lower index; ``kth``
         is each row's k-th largest score."""
@@ -523,29 +664,21 @@ class _Ranker:
         return topk
 
 
-def _sort_rows(
-    scores: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor | None = None, workers: int = 1
-) -> torch.Tensor:
+def _sort_rows(scores: torch.Tensor, out: torch.Tensor, threads: _RowThreads) -> torch.Tensor:
     """Each row of ``scores`` sorted ascending (values only); on CPU written into ``out``.
 
     On CPU numpy's vectorised sort is many times faster than torch's on float32 rows; it
-    releases the GIL, so ``workers`` row blocks sort in parallel on ``pool``'s threads.
+    releases the GIL, so row blocks sort in parallel on ``threads``.
     """
     if scores.device.type != "cpu":
         return torch.sort(scores, dim=1).values
     src, dst = scores.numpy(), out.numpy()
 
-    def sort_block(rows: slice) -> None:
-        dst[rows] = src[rows]
-        dst[rows].sort(axis=1)
+    def sort_block(rows: range) -> None:
+        dst[rows.start : rows.stop] = src[rows.start : rows.stop]
+        dst[rows.start : rows.stop].sort(axis=1)
 
-    step = -(-scores.shape[0] // workers)
-    blocks = [slice(i, i + step) for i in range(0, scores.shape[0], step)]
-    if pool is None or len(blocks) == 1:
-        for block in blocks:
-            sort_block(block)
-    else:
-        list(pool.map(sort_block, blocks))
+    threads.map(sort_block, scores.shape[0])
     return out
 
 
