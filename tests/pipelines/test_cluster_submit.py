@@ -2,6 +2,7 @@
 cluster/submit.sh (`ray job submit --working-dir`), SUCCEEDED, its MLflow run exists, and a
 second submit of the same command does not start a second job."""
 
+import contextlib
 import json
 import os
 import socket
@@ -36,7 +37,10 @@ def ray_head(tmp_path):
     port, dash = _free_port(), _free_port()
     raytmp = tempfile.mkdtemp(prefix="tpr-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+           "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+           # no graceful drain on SIGTERM: with a finished job's workers still leased, the
+           # head would wait out the whole 30 s default before stopping
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -71,12 +75,14 @@ def ray_head(tmp_path):
     try:
         yield address, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # `ray start` stops its own processes
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        proc.wait()
         log.close()
         shutil.rmtree(raytmp, ignore_errors=True)
 
