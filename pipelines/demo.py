@@ -57,7 +57,8 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data_over = [f"data.root={data_dir / 'parquet'}", f"data.raw_root={data_dir / 'raw'}"]
     if quick:  # CI: the same path, fewer steps
-        base_over = ["train.epochs=4", "train.eval_every=2", "train.checkpoint_every=2"]
+        base_over = ["train.epochs=4", "train.eval_every=2", "train.checkpoint_every=2",
+                     "train.max_steps_per_epoch=12"]
         trial_over = ["train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1",
                       "train.max_steps_per_epoch=6", "data.batch_size=32"]
     else:
