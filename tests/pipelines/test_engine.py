@@ -1,5 +1,6 @@
 """The worker's DeepSpeed engine set-up: ZeRO-3 in fp32 keeps no second fp32 copy of the weights,
-and its optimizer step is still exactly AdamW's (real DeepSpeed, one gloo process)."""
+its optimizer step is still exactly AdamW's, and the CPU accelerator compiles no shared-memory
+op (real DeepSpeed, one gloo process)."""
 
 import os
 import subprocess
@@ -29,6 +30,8 @@ SCRIPT = textwrap.dedent(
     x, y = torch.randn(4, 8), torch.randn(4, 3)
     ours_model, theirs_model, plain = net(), net(), net()
     ours = initialize_engine(ours_model, torch.optim.AdamW(ours_model.parameters(), lr=1e-3), None, cfg, 4)
+    import deepspeed.comm.comm as ds_comm
+    print("SHM_OP", ds_comm.cdb.shm_comm_op is not None)
     theirs = deepspeed.initialize(model=theirs_model, optimizer=torch.optim.AdamW(theirs_model.parameters(), lr=1e-3),
                                   config=ds_config(cfg, 4), dist_init_required=False)[0]
     for name, e in (("ours", ours), ("theirs", theirs)):
@@ -67,6 +70,8 @@ def test_zero3_fp32_shares_master_partitions_and_steps_like_adamw(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "SHARED ours True" in r.stdout and "SHARED theirs False" in r.stdout, out[-3000:]
+    # DeepSpeed's shared-memory all-reduce op (inference only) is neither compiled nor loaded
+    assert "SHM_OP False" in r.stdout and "built successfully" not in out, out[-3000:]
 
     def value(key: str) -> float:
         return float(r.stdout.split(key + " ")[1].split()[0])
