@@ -508,7 +508,7 @@ class _Ranker:
         rows = min(chunk_size, num_queries)
         dev = groups.device
         # Scratch blocks reused across chunks: on CPU a fresh (C, G) block per chunk costs page faults.
-        sorted_buf = torch.empty(rows, self.num_gallery, dtype=torch.float32, device=dev)
+        sorted_buf = None  # allocated when a chunk first sorts whole rows
         mask_buf = torch.empty(rows, self.num_gallery, dtype=torch.bool, device=dev) if self.topk else None
         ranks, topk_idx = [], []
         own_threads = threads is None
@@ -526,6 +526,8 @@ class _Ranker:
                 else:
                     rank = self._match_ranks_from_candidates(scores, matches)
                 if rank is None:  # matches spread over most of the gallery: sort whole rows
+                    if sorted_buf is None:
+                        sorted_buf = torch.empty(rows, self.num_gallery, dtype=torch.float32, device=dev)
                     sorted_rows = _sort_rows(scores, sorted_buf[: stop - start], threads)  # ascending
                     rank = self._match_ranks(scores, sorted_rows, matches)
                 ranks.append(rank.cpu())
