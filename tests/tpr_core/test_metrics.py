@@ -248,7 +248,7 @@ def test_chunked_features_identical_to_matrix(normalize):
 
 
 def test_parallel_cpu_sort_identical():
-    # The CPU path sorts row blocks on a thread pool when torch has several threads.
+    # The CPU path scores and sorts row blocks on a thread pool when torch has several threads.
     gen = torch.Generator().manual_seed(8)
     qp, gp = make_pids(gen)
     sim = torch.randint(-2, 3, (len(qp), len(gp)), generator=gen).float()
@@ -256,6 +256,14 @@ def test_parallel_cpu_sort_identical():
     torch.set_num_threads(2)  # the autouse fixture restores the setting
     for chunk_size in (1, 7, 1000):
         assert_metrics_close(rank_gallery(sim, qp, gp, chunk_size=chunk_size).metrics(), want)
+    # From features, each thread also scores its own rows (one BLAS thread each): small
+    # integer features give exact integer scores with many ties across the threads' rows.
+    q = torch.randint(-2, 3, (len(qp), 4), generator=gen).float()
+    g = torch.randint(-2, 3, (len(gp), 4), generator=gen).float()
+    want, _ = brute_force(q @ g.T, qp, gp)
+    for chunk_size in (1, 7, 1000):
+        got = retrieval_metrics_from_features(q, g, qp, gp, chunk_size=chunk_size, device="cpu", normalize=False)
+        assert_metrics_close(got, want)
 
 
 def test_matrix_chunk_size_does_not_change_results():
