@@ -157,9 +157,11 @@ def sweep(
             if space.search == "optuna":
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
             if space.scheduler.type == "asha":
+                # One report per epoch; the last epoch's carries the final results (test
+                # metrics, export), so a trial's last iteration is its epoch count.
                 scheduler = ASHAScheduler(
                     time_attr="training_iteration",
-                    max_t=cfg.train.epochs + 1,
+                    max_t=cfg.train.epochs,
                     grace_period=space.scheduler.grace_period,
                     reduction_factor=space.scheduler.reduction_factor,
                 )

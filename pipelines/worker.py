@@ -378,6 +378,7 @@ def train_loop(config: dict[str, Any]) -> None:
     term_names = list(spec.terms)
 
     start_epoch = int(state["epoch"])
+    last_epoch = None  # (metrics, checkpoint dir) of the last epoch, when this run trained it
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -437,7 +438,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 flush=True,
             )
         state["mlflow_run_id"] = tracker.run_id
-        if do_eval and (epoch_done % cfg.train.checkpoint_every == 0 or last):
+        if last:
+            # The last epoch goes out in one report with the final results (below). As a report
+            # of its own, it gave a scheduler (ASHA with a rung on the last epoch) the chance to
+            # stop a trial that had trained every epoch, before its test metrics and export.
+            last_epoch = (metrics, _save_checkpoint(engine, state, rank))
+            break
+        if do_eval and epoch_done % cfg.train.checkpoint_every == 0:
             _report_checkpoint(engine, state, metrics, rank, epoch_done)
         else:
             ray.train.report(metrics)
@@ -447,14 +454,21 @@ def train_loop(config: dict[str, Any]) -> None:
             os._exit(1)
 
     # ---- the end: best checkpoint -> test metrics and the exported model
+    # The engine holds the last epoch's weights; an earlier checkpoint replaces them only when
+    # its val/R1 is strictly higher (of equal ones, the earliest epoch wins).
     best = _best_checkpoint(ray.train)
-    if best is not None and best[1].get("epoch") != state["epoch"]:
-        with best[0].as_directory() as cdir:
-            engine.load_checkpoint(
-                os.path.join(cdir, _STATE_TAG), tag=_STATE_TAG,
-                load_optimizer_states=False, load_lr_scheduler_states=False,
-            )
-    best_metrics = best[1] if best is not None else metrics
+    if last_epoch is not None and (best is None or last_epoch[0]["val/R1"] > best[1]["val/R1"]):
+        best_metrics = last_epoch[0]
+    elif best is not None:
+        best_metrics = best[1]
+        if best[1].get("epoch") != state["epoch"]:
+            with best[0].as_directory() as cdir:
+                engine.load_checkpoint(
+                    os.path.join(cdir, _STATE_TAG), tag=_STATE_TAG,
+                    load_optimizer_states=False, load_lr_scheduler_states=False,
+                )
+    else:
+        raise RuntimeError(f"run {config['model_dir']}: no trained epoch and no checkpoint to evaluate")
     test_data = load_split(cfg.data.root, "test")
     test = distributed_evaluate(engine, test_data, tokenizer, cfg, device)
     val_best = distributed_evaluate(engine, val_data, tokenizer, cfg, device, topk=10)
@@ -481,12 +495,15 @@ def train_loop(config: dict[str, Any]) -> None:
         )
     if world > 1:
         dist.barrier()
-    ray.train.report(out)
+    if last_epoch is None:  # resumed from the final checkpoint: nothing new to keep
+        ray.train.report(out)
+    else:
+        _report_checkpoint(engine, state, {**last_epoch[0], **out}, rank, state["epoch"], saved=last_epoch[1])
 
 
-def _report_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, epoch: int) -> None:
-    import ray.train
-
+def _save_checkpoint(engine: Any, state: dict, rank: int) -> str:
+    """This rank's share of a checkpoint (engine, RNG, and on rank 0 the trainer state) in a new
+    temporary directory (all ranks must call: ZeRO saves collectively)."""
     tmp = tempfile.mkdtemp(prefix=f"tpr-ckpt-r{rank}-")
     try:
         engine.save_checkpoint(os.path.join(tmp, _STATE_TAG), tag=_STATE_TAG)
@@ -494,6 +511,20 @@ def _report_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, epoch
         torch.save(_rng_state(), Path(tmp, "rng", f"rank-{rank}.pt"))
         if rank == 0:
             Path(tmp, "trainer_state.json").write_text(json.dumps(state))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _report_checkpoint(
+    engine: Any, state: dict, metrics: dict, rank: int, epoch: int, saved: str | None = None
+) -> None:
+    """Report ``metrics`` with a checkpoint: ``saved`` (from :func:`_save_checkpoint`) or a new one."""
+    import ray.train
+
+    tmp = saved or _save_checkpoint(engine, state, rank)
+    try:
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch-{epoch:04d}"
         )

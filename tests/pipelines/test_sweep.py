@@ -83,11 +83,15 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
     from pipelines.sweep import BEST_TRIAL_TAG, sweep
     from pipelines.tracking import tracking_server
 
+    # 2 epochs: ASHA's rungs (grace 1, factor 2) fall on epochs 1 and 2, the last one included
     try:
-        out = sweep(_cfg(synth_data), SPACE, runs_dir=tmp_path, samples=4, name="sw")  # starts its own Ray
+        out = sweep(_cfg(synth_data, train__epochs=2), SPACE, runs_dir=tmp_path, samples=4, name="sw")
     finally:
         ray.shutdown()
     assert len(out["trials"]) == 4
+    for r in out["trials"]:  # a rung on the last epoch must not cut off the final report
+        assert r["status"] == ("DONE" if r["epochs"] == 2 else "STOPPED"), r
+        assert (r["test/R1"] is not None) == (r["epochs"] == 2), r
     assert out["best_metric"] >= max(r["best_val/R1"] for r in out["trials"] if r["status"] == "DONE")
     assert set(out["best_params"]) == {"loss.weights.a_sdm", "loss.weights.efa", "loss.weights.id"}
     with tracking_server(tmp_path) as uri:

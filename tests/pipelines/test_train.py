@@ -167,6 +167,14 @@ def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_pa
     m = train(cfg, runs_dir=tmp_path, name="kill", extra={"fail_at_epoch": 2, "fail_marker": str(marker)})
     assert marker.exists(), "the worker was not killed"
     assert m["best/epoch"] in (1, 2, 3)
+    # The last epoch and the final results are one report (its checkpoint is the last epoch's),
+    # so a scheduler can never stop a trial between the two.
+    from ray.train import Result
+
+    latest = Result.from_path(m["run_dir"])
+    assert Path(latest.checkpoint.path).name == "epoch-0003"
+    assert latest.metrics["epoch"] == 3 and latest.metrics["test/R1"] == pytest.approx(m["test/R1"])
+    assert [Path(c.path).name for c, metrics in latest.best_checkpoints if "test/R1" in metrics] == ["epoch-0003"]
     with _mlflow(tmp_path) as client:
         runs = _runs(client, cfg.tracking.experiment, "kill")
         assert len(runs) == 1
