@@ -454,51 +454,56 @@ def train_loop(config: dict[str, Any]) -> None:
             os._exit(1)
 
     # ---- the end: best checkpoint -> test metrics and the exported model
-    # The engine holds the last epoch's weights; an earlier checkpoint replaces them only when
-    # its val/R1 is strictly higher (of equal ones, the earliest epoch wins).
-    best = _best_checkpoint(ray.train)
-    if last_epoch is not None and (best is None or last_epoch[0]["val/R1"] > best[1]["val/R1"]):
-        best_metrics = last_epoch[0]
-    elif best is not None:
-        best_metrics = best[1]
-        if best[1].get("epoch") != state["epoch"]:
-            with best[0].as_directory() as cdir:
-                engine.load_checkpoint(
-                    os.path.join(cdir, _STATE_TAG), tag=_STATE_TAG,
-                    load_optimizer_states=False, load_lr_scheduler_states=False,
-                )
-    else:
-        raise RuntimeError(f"run {config['model_dir']}: no trained epoch and no checkpoint to evaluate")
-    test_data = load_split(cfg.data.root, "test")
-    test = distributed_evaluate(engine, test_data, tokenizer, cfg, device)
-    val_best = distributed_evaluate(engine, val_data, tokenizer, cfg, device, topk=10)
-    final = {f"test/{k}": float(test[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
-    probe = _probe_embeddings(engine, test_data, tokenizer, cfg, device)
-    state_dict = _consolidated_state_dict(engine, d.zero_stage)
-    out: dict[str, Any] = {
-        **state["last_val"], "epoch": state["epoch"], **final, "best/epoch": best_metrics.get("epoch"), "best/val_R1": best_metrics.get("val/R1"),
-        "model_dir": config["model_dir"], "mlflow_run_id": tracker.run_id or "",
-    }
-    if rank == 0:
-        _export_and_log(cfg, config, state_dict, tokenizer, num_classes, best_metrics, final, val_best, val_data, tracker)
-        tracker.log(final, state["step"], kind="test")
-        tracker.finish()
-        write_text(config["result_path"], json.dumps(out, indent=2))
-        if config.get("probe_path"):
-            from safetensors.torch import save as to_safetensors
+    try:
+        # The engine holds the last epoch's weights; an earlier checkpoint replaces them only when
+        # its val/R1 is strictly higher (of equal ones, the earliest epoch wins).
+        best = _best_checkpoint(ray.train)
+        if last_epoch is not None and (best is None or last_epoch[0]["val/R1"] > best[1]["val/R1"]):
+            best_metrics = last_epoch[0]
+        elif best is not None:
+            best_metrics = best[1]
+            if best[1].get("epoch") != state["epoch"]:
+                with best[0].as_directory() as cdir:
+                    engine.load_checkpoint(
+                        os.path.join(cdir, _STATE_TAG), tag=_STATE_TAG,
+                        load_optimizer_states=False, load_lr_scheduler_states=False,
+                    )
+        else:
+            raise RuntimeError(f"run {config['model_dir']}: no trained epoch and no checkpoint to evaluate")
+        test_data = load_split(cfg.data.root, "test")
+        test = distributed_evaluate(engine, test_data, tokenizer, cfg, device)
+        val_best = distributed_evaluate(engine, val_data, tokenizer, cfg, device, topk=10)
+        final = {f"test/{k}": float(test[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
+        probe = _probe_embeddings(engine, test_data, tokenizer, cfg, device)
+        state_dict = _consolidated_state_dict(engine, d.zero_stage)
+        out: dict[str, Any] = {
+            **state["last_val"], "epoch": state["epoch"], **final, "best/epoch": best_metrics.get("epoch"), "best/val_R1": best_metrics.get("val/R1"),
+            "model_dir": config["model_dir"], "mlflow_run_id": tracker.run_id or "",
+        }
+        if rank == 0:
+            _export_and_log(cfg, config, state_dict, tokenizer, num_classes, best_metrics, final, val_best, val_data, tracker)
+            tracker.log(final, state["step"], kind="test")
+            tracker.finish()
+            write_text(config["result_path"], json.dumps(out, indent=2))
+            if config.get("probe_path"):
+                from safetensors.torch import save as to_safetensors
 
-            write_bytes(config["probe_path"], to_safetensors(probe))
-        print(
-            f"[tpr] done: best val/R1 {best_metrics.get('val/R1')} (epoch {best_metrics.get('epoch')}), "
-            f"test/R1 {final['test/R1']:.2f}, model {config['model_dir']}",
-            flush=True,
-        )
-    if world > 1:
-        dist.barrier()
-    if last_epoch is None:  # resumed from the final checkpoint: nothing new to keep
-        ray.train.report(out)
-    else:
-        _report_checkpoint(engine, state, {**last_epoch[0], **out}, rank, state["epoch"], saved=last_epoch[1])
+                write_bytes(config["probe_path"], to_safetensors(probe))
+            print(
+                f"[tpr] done: best val/R1 {best_metrics.get('val/R1')} (epoch {best_metrics.get('epoch')}), "
+                f"test/R1 {final['test/R1']:.2f}, model {config['model_dir']}",
+                flush=True,
+            )
+        if world > 1:
+            dist.barrier()
+        if last_epoch is None:  # resumed from the final checkpoint: nothing new to keep
+            ray.train.report(out)
+        else:
+            _report_checkpoint(engine, state, {**last_epoch[0], **out}, rank, state["epoch"], saved=last_epoch[1])
+    except BaseException:
+        if last_epoch is not None:  # not reported: nothing else will remove it
+            shutil.rmtree(last_epoch[1], ignore_errors=True)
+        raise
 
 
 def _save_checkpoint(engine: Any, state: dict, rank: int) -> str:
