@@ -67,8 +67,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
                       "train.max_steps_per_epoch=25", "data.batch_size=32"]
     t0 = time.time()
     out: dict[str, Any] = {}
-    with tracking_server(runs_dir):
-        init_ray()
+    with tracking_server(runs_dir, while_starting=init_ray):  # Ray starts while MLflow boots
         console.rule("[bold]1/4 baseline: IRRA, 2 workers, ZeRO-2")
         base_cfg = load_config(CONFIGS / "irra_synthetic_tiny.yaml", data_over + base_over)
         base = train(base_cfg, runs_dir=runs_dir, name=f"demo-irra-{stamp}")

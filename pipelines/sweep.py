@@ -120,7 +120,8 @@ def sweep(
         if not Tuner.can_restore(exp_dir):
             raise ConfigError(f"no sweep named {name!r} to resume at {exp_dir}")
 
-    with tracking.tracking_server(paths.runs_dir) as tracking_uri:
+    # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
+    with tracking.tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
         parent = tracking.start_or_resume_run(
             cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
             tags={"tpr.kind": "sweep", "method": cfg.method},
@@ -138,7 +139,6 @@ def sweep(
                 f"sweep {name!r} was started with another base config; --resume needs the same "
                 f"config file and key=value overrides ({e})"
             ) from None
-        init_ray()
         # Slots: what the cluster holds in trials of W workers. A trial stopped by ASHA has its
         # controller killed with it; Ray Train's placement-group cleaner (it needs the dashboard's
         # state API, part of ray[default]) then frees its workers for the next trial.

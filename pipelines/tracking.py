@@ -17,9 +17,11 @@ Embedded server
     When ``MLFLOW_TRACKING_URI`` is already set (a shared team server, a cluster deployment),
     it wins and nothing is started.
 
-    Ray workers inherit the environment of the process that started the local Ray instance, so
-    enter :func:`tracking_server` before ``ray.init`` (or pass the yielded URI on through
-    ``runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}}``).
+    Ray workers inherit the environment of the process that started the local Ray instance,
+    and the URI is set only once the server answers. ``tpr train``, ``tpr sweep`` and the demo
+    start Ray while the server boots (``while_starting=init_ray``, about 10 s saved on 2
+    cores) and hand the yielded URI to their workers in the train loop's config. Other code
+    that starts Ray inside the block gets the URI from the environment.
 
 Run helpers
     Rank 0 only. A run is identified by the tag ``tpr.run_key``: :func:`start_or_resume_run`
@@ -41,7 +43,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +187,11 @@ def _seed_store(db: Path) -> None:
 
 
 @contextlib.contextmanager
-def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEOUT_S) -> Iterator[str]:
+def tracking_server(
+    runs_dir: str | Path,
+    timeout_s: float = _SERVER_START_TIMEOUT_S,
+    while_starting: Callable[[], None] | None = None,
+) -> Iterator[str]:
     """Run an MLflow tracking server on loopback for the duration of the block.
 
     If ``MLFLOW_TRACKING_URI`` is set, it is yielded unchanged and nothing is started. Otherwise
@@ -197,6 +203,10 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
     Args:
         runs_dir: Run directory; the store lives under ``runs_dir/mlflow/``.
         timeout_s: How long to wait for ``/health`` before giving up.
+        while_starting: Called once, while the server boots (it takes seconds), before the
+            block; for other start-up work such as ``ray.init``. It runs before
+            ``MLFLOW_TRACKING_URI`` is set, so processes it starts do not inherit the URI:
+            hand it to them explicitly.
 
     Yields:
         The tracking URI (``http://127.0.0.1:PORT`` or the one from the environment).
@@ -207,6 +217,8 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
     """
     preset = os.environ.get("MLFLOW_TRACKING_URI")
     if preset:
+        if while_starting is not None:
+            while_starting()
         yield preset
         return
 
@@ -248,6 +260,13 @@ def tracking_server(runs_dir: str | Path, timeout_s: float = _SERVER_START_TIMEO
                 env=env,
                 start_new_session=True,
             )
+        if while_starting is not None:
+            try:
+                while_starting()
+            except BaseException:
+                _stop_group(proc)
+                raise
+            while_starting = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None and not _healthy(url):
             time.sleep(0.25)

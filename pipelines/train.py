@@ -72,9 +72,9 @@ def train(
     name = name or default_run_name(cfg)
     cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
     loop_config.update(extra or {})
-    with tracking_server(paths.runs_dir) as uri:
+    # Ray starts while the MLflow server boots; the workers get the URI from loop_config.
+    with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
         loop_config["tracking_uri"] = uri
-        init_ray()
         result = fit(cfg, paths, loop_config)
     if result.error is not None:
         raise result.error

@@ -138,9 +138,55 @@ def test_two_processes_log_concurrently(server):
 
 def test_env_uri_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:1234")
-    with tracking.tracking_server(tmp_path) as uri:
+    calls = []
+    with tracking.tracking_server(tmp_path, while_starting=lambda: calls.append(1)) as uri:
         assert uri == "http://example.invalid:1234"
+        assert calls == [1]
     assert not (tmp_path / "mlflow").exists()  # nothing was started or created
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (read from /proc, Linux)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+def test_while_starting_runs_once_while_the_server_boots(tmp_path, monkeypatch):
+    """The callback runs after the server was spawned and before the block, without the URI in
+    the environment; the server then answers as usual."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = str(tmp_path / "mlflow" / "mlflow.db")
+    seen = []
+
+    def during() -> None:
+        seen.append((os.environ.get("MLFLOW_TRACKING_URI"), bool(_processes_naming(db))))
+
+    with tracking.tracking_server(tmp_path, while_starting=during) as uri:
+        assert seen == [(None, True)]  # once, the server already spawned, no URI yet
+        run_id = tracking.start_or_resume_run("during", "d-1")
+        assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+    assert seen == [(None, True)]
+
+
+def test_while_starting_error_stops_the_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = str(tmp_path / "mlflow" / "mlflow.db")
+
+    def fail() -> None:
+        assert _processes_naming(db)  # spawned
+        raise RuntimeError("ray could not start")
+
+    with pytest.raises(RuntimeError, match="ray could not start"):
+        with tracking.tracking_server(tmp_path, while_starting=fail):
+            pytest.fail("the block must not run")
+    assert not _processes_naming(db)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_store_uri_for_ui(tmp_path):
