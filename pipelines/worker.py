@@ -445,7 +445,7 @@ def train_loop(config: dict[str, Any]) -> None:
             last_epoch = (metrics, _save_checkpoint(engine, state, rank))
             break
         if do_eval and epoch_done % cfg.train.checkpoint_every == 0:
-            _report_checkpoint(engine, state, metrics, rank, epoch_done)
+            _report_checkpoint(metrics, _save_checkpoint(engine, state, rank), epoch_done)
         else:
             ray.train.report(metrics)
         if config.get("fail_at_epoch") == epoch_done and rank == world - 1 and not Path(config["fail_marker"]).exists():
@@ -499,7 +499,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if last_epoch is None:  # resumed from the final checkpoint: nothing new to keep
             ray.train.report(out)
         else:
-            _report_checkpoint(engine, state, {**last_epoch[0], **out}, rank, state["epoch"], saved=last_epoch[1])
+            _report_checkpoint({**last_epoch[0], **out}, last_epoch[1], state["epoch"])
     except BaseException:
         if last_epoch is not None:  # not reported: nothing else will remove it
             shutil.rmtree(last_epoch[1], ignore_errors=True)
@@ -522,13 +522,10 @@ def _save_checkpoint(engine: Any, state: dict, rank: int) -> str:
     return tmp
 
 
-def _report_checkpoint(
-    engine: Any, state: dict, metrics: dict, rank: int, epoch: int, saved: str | None = None
-) -> None:
-    """Report ``metrics`` with a checkpoint: ``saved`` (from :func:`_save_checkpoint`) or a new one."""
+def _report_checkpoint(metrics: dict, tmp: str, epoch: int) -> None:
+    """Report ``metrics`` with the checkpoint in ``tmp`` (from :func:`_save_checkpoint`), then remove ``tmp``."""
     import ray.train
 
-    tmp = saved or _save_checkpoint(engine, state, rank)
     try:
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch-{epoch:04d}"
