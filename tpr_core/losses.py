@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["a_sdm", "cmpm", "efa", "id_loss", "mlm", "restore", "sdm", "triplet"]
+__all__ = ["a_sdm", "cmpm", "efa", "id_loss", "mla", "mlm", "restore", "sdm", "triplet"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,6 +113,24 @@ def _a_sdm_weight(logits: Tensor, alpha: float) -> Tensor:
     return alpha * (p.max(dim=1).values - p.diagonal()) + 1.0
 
 
+def _a_sdm_code_weight(cos: Tensor, same: Tensor, scale: float) -> Tensor:
+    """The authors' row weight on one direction's (B, B) cosines, gradient kept; (B,).
+
+    m_i = argmax_k cos_ik, l_i = first column with the row's identity;
+    w_i = 1 + scale * (cos_im - cos_il) where m_i != l_i, else exactly 1.
+    """
+    n = cos.shape[1]
+    rows = torch.arange(cos.shape[0], device=cos.device)
+    cols = torch.arange(n, device=cos.device).expand_as(same)
+    first_pos = torch.where(same, cols, n).amin(dim=1)  # (B,)
+    most_similar = cos.argmax(dim=1)  # (B,) first maximum on ties, as torch.argmax
+    gap = cos[rows, most_similar] - cos[rows, first_pos]
+    return 1.0 + scale * torch.where(most_similar != first_pos, gap, torch.zeros_like(gap))
+
+
+_A_SDM_FORMS = ("paper", "code")
+
+
 def a_sdm(
     image_feats: Tensor,
     text_feats: Tensor,
@@ -120,45 +138,77 @@ def a_sdm(
     temperature: float = 0.02,
     alpha: float = 10.0,
     eps: float = 1e-8,
+    form: str = "code",
+    code_scale: float = 0.1,
 ) -> Tensor:
-    """Adaptive similarity distribution matching (FMFA, A-SDM).
+    """Adaptive similarity distribution matching (FMFA, A-SDM), paper or authors' code form.
 
-    SDM whose per-row KL terms are re-weighted so that rows whose own pair is not ranked first
-    ("unmatched positive pairs") pull harder::
+    SDM whose per-row KL terms are re-weighted so that rows whose positive is not ranked first
+    ("unmatched positive pairs") pull harder. Both forms compute, per direction,
+    ``1/B sum_i w_i KL(p_i || q_i)`` (p, q, eps exactly as in ``sdm``; the weight multiplies
+    each row's KL before the mean over rows) and add the i2t and t2i directions; each direction
+    has its own weights, computed from its own rows (image rows of s for i2t, text rows of s^T
+    for t2i). They differ only in the weight w_i:
 
-        w_i = alpha * (max_k p_ik - p_ii) + 1        (p as in SDM, per direction)
-        L = 1/B sum_i w_i^{i2t} KL(p_i^{i2t} || q_i) + 1/B sum_i w_i^{t2i} KL(p_i^{t2i} || q_i)
+    ``form="paper"`` (the paper's formula)::
 
-    Row i's own pair is (i, i): image i and caption i of the batch. When p_ii is the row maximum,
-    w_i is exactly 1, so a batch where every own pair ranks first gives exactly SDM.
+        w_i = alpha * (max_k p_ik - p_ii) + 1        on probabilities p = softmax(s / tau)
 
-    The weight is computed on detached probabilities: it is a per-row coefficient, as in the
-    paper, not a term to optimise (with gradient, the loss could also fall by raising p_ii
-    through w_i, which would double-count SDM's own pull).
+      - compared against the row's own pair (i, i);
+      - on detached probabilities: a per-row coefficient, no gradient through w;
+      - ``alpha`` is the paper's alpha (10; 1 on RSTPReid), ``loss.a_sdm_alpha``.
+      When p_ii is the row maximum, w_i is exactly 1, so a batch where every own pair ranks
+      first gives exactly SDM.
 
-    Differences from the authors' code (github.com/yinhao1102/FMFA, ``compute_a_sdm``), where we
-    follow the issue's formula on probabilities: the code measures the gap on cosine
-    similarities (cos of the row's argmax minus cos of the first same-pid column), uses separate
-    alphas for the two directions, and compares against the first same-identity column rather
-    than the pair's own column.
+    ``form="code"`` (default; the authors' code, github.com/yinhao1102/FMFA,
+    ``model/objectives.py::compute_sdm(..., use_weight=True)``, called from
+    ``model/build_finetune.py`` with ``use_weight=args.sdm_loss_use_weight``, whose argparse
+    default is True and cannot be switched off: ``store_true`` with ``default=True``)::
+
+        m_i = argmax_k s_ik,  l_i = first column k with pid_k == pid_i
+        w_i = 1 + code_scale * (s_im - s_il)   if m_i != l_i,   else 1
+                                                  on cosines s, not probabilities
+
+      Differences from the paper form, each as in the code:
+
+      - the gap is measured on cosine similarities, not on softmax probabilities;
+      - the reference column is the first same-identity column of the batch (``argmax`` of
+        the label row), not the row's own pair; so a row whose own pair ranks first but is not
+        the first column of its identity gets w > 1 when that first column ranks lower, and a row
+        whose top item is another true match (same pid, not the first one) also gets w > 1;
+      - the strength is a constant 0.1 hard-coded in the code, the same for both directions
+        (``code_scale`` here); ``alpha`` is ignored in this form (commented-out code nearby
+        derived the scale from the largest gap via log10; it is dead code);
+      - the weight is NOT detached: the gradient flows through s_im and s_il in w as well as
+        through the KL.
 
     Args:
         image_feats: (B, D) image embeddings (normalised here).
         text_feats: (B, D) text embeddings (normalised here).
         pids: (B,) identity labels.
-        temperature: tau (``loss.temperature``).
-        alpha: weight strength (``loss.a_sdm_alpha``).
+        temperature: tau (``loss.temperature``; the code's ``logit_scale`` is 1 / 0.02).
+        alpha: the paper's weight strength (``loss.a_sdm_alpha``); ``form="paper"`` only.
         eps: added to q inside the log.
+        form: ``"code"`` (default, the authors' code) or ``"paper"``.
+        code_scale: the code's hard-coded 0.1; ``form="code"`` only.
 
     Returns:
         Scalar loss.
     """
+    if form not in _A_SDM_FORMS:
+        raise ValueError(f"a_sdm: form must be one of {_A_SDM_FORMS}, got {form!r}")
     _check_pair("a_sdm", image_feats, text_feats, pids)
     s = _cosine(image_feats, text_feats)  # (B, B) image rows
     q = _true_match_distribution(pids)
     i2t, t2i = s / temperature, s.t() / temperature
-    loss_i2t = (_a_sdm_weight(i2t, alpha) * _kl_rows(i2t, q, eps)).mean()
-    loss_t2i = (_a_sdm_weight(t2i, alpha) * _kl_rows(t2i, q, eps)).mean()
+    if form == "paper":
+        w_i2t, w_t2i = _a_sdm_weight(i2t, alpha), _a_sdm_weight(t2i, alpha)
+    else:
+        same = _same_pid(pids)  # symmetric, so the first positive is the same in both directions
+        w_i2t = _a_sdm_code_weight(s, same, code_scale)
+        w_t2i = _a_sdm_code_weight(s.t(), same, code_scale)
+    loss_i2t = (w_i2t * _kl_rows(i2t, q, eps)).mean()
+    loss_t2i = (w_t2i * _kl_rows(t2i, q, eps)).mean()
     return loss_i2t + loss_t2i
 
 
@@ -282,21 +332,56 @@ def _lse_pool_best_match(
     return tau * torch.logsumexp(best / tau, dim=-1)
 
 
+def _efa_code_scores(queries: Tensor, joint: Tensor, temperature: float) -> Tensor:
+    """The authors' EFA pair scores, rows L2-normalised; (B, B).
+
+    ``S(a, b) = log sum_l exp(max_m cos(x_al, j_bm) / T)`` over every position l of query set a
+    and every position m of joint set b (no masks, no factor T), then each row ``S(a, :)``
+    divided by its L2 norm.
+    """
+    sim = torch.einsum("ald,bmd->ablm", F.normalize(queries, dim=-1), F.normalize(joint, dim=-1))
+    sims = torch.logsumexp(sim.amax(dim=-1) / temperature, dim=-1)  # (B, B)
+    return F.normalize(sims, dim=-1)
+
+
+def _efa_code_hinge(scores: Tensor, margin: float) -> Tensor:
+    """The authors' two log-sum-exp hinges on a (B, B) score matrix, both summed over axis 0.
+
+    ``r[a, b] = S[a, b] - S[a, a] + m`` and ``c[a, b] = S[a, b] - S[b, b] + m``, diagonals set
+    to 0 (the "1 +" term); ``cost_r[b] = log sum_a exp(r[a, b])``,
+    ``cost_c[b] = log sum_a exp(c[a, b])``; returns mean(cost_c) + mean(cost_r).
+    """
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    diag = scores.diagonal()
+    zero = torch.zeros_like(scores)
+    row_anchored = torch.where(eye, zero, scores - diag[:, None] + margin)
+    col_anchored = torch.where(eye, zero, scores - diag[None, :] + margin)
+    return torch.logsumexp(col_anchored, dim=0).mean() + torch.logsumexp(row_anchored, dim=0).mean()
+
+
+_EFA_FORMS = ("paper", "code")
+
+
 def efa(
     image_tokens: Tensor,
     text_tokens: Tensor,
     text_mask: Tensor,
-    margin_text: float = 0.1,
-    margin_image: float = 0.1,
+    margin_text: float | None = None,
+    margin_image: float | None = None,
     pids: Tensor | None = None,
-    pool_temperature: float = 0.1,
+    pool_temperature: float | None = None,
     exclude_special: bool = True,
     eps: float = 1e-8,
+    form: str = "code",
 ) -> Tensor:
-    """Explicit fine-grained alignment (FMFA, EFA).
+    """Explicit fine-grained alignment (FMFA, EFA), paper or authors' code form.
 
     Inputs are token-level encoder outputs of a batch of B matched pairs (image i with caption i).
-    All tokens are L2-normalised first. Which tokens take part:
+    ``form="paper"`` is described first; ``form="code"`` (the default) after it, as a list of
+    the places where it differs.
+
+    **Paper form** (the paper's full text was not available offline; this form follows the
+    issue's description of it). All tokens are L2-normalised first. Which tokens take part:
 
     - image: every patch token given. Pass patch tokens only, without the class token (the
       class token is the global embedding that SDM / A-SDM already align).
@@ -317,14 +402,14 @@ def efa(
 
     Pair scores across the batch (query set a against the joint embeddings of pair b), with
     "hard coding" (each query token keeps only its best joint embedding) and log-sum-exp pooling
-    at temperature tau (``pool_temperature``)::
+    at temperature tau (``pool_temperature``, default 0.1)::
 
         S_t(a, b) = tau * log sum_{l in text a} exp( max_{m in joint b} cos(t_al, j_bm) / tau )
         S_v(a, b) = tau * log sum_{n in image a} exp( max_{m in joint b} cos(v_an, j_bm) / tau )
 
-    Loss: the log-sum-exp hinge, for text->joint (margin ``margin_text``) and image->joint
-    (margin ``margin_image``), each anchored both on rows (query a vs the other pairs' joints) and
-    on columns (joint b vs the other pairs' queries)::
+    Loss: the log-sum-exp hinge, for text->joint (margin ``margin_text``, default 0.1) and
+    image->joint (margin ``margin_image``, default 0.1), each anchored both on rows (query a vs
+    the other pairs' joints) and on columns (joint b vs the other pairs' queries)::
 
         h(a) = log(1 + sum_{b in neg(a)} exp(S(a, b) - S(a, a) + margin))
         L_X = mean_a h_row(a) + mean_b h_col(b)           X in {t, v}
@@ -332,40 +417,72 @@ def efa(
 
     Negatives are all b != a; with ``pids`` given, pairs of the same identity are not negatives
     (they are excluded, not pulled). An anchor without negatives contributes log 1 = 0.
-    Paper defaults for the margins (text/image): CUHK-PEDES 0.1/0.1, ICFG-PEDES 0.2/1.0,
-    RSTPReid 0.2/0.8.
+    Paper margins (text/image): CUHK-PEDES 0.1/0.1, ICFG-PEDES 0.2/1.0, RSTPReid 0.2/0.8.
 
-    The paper's full text was not available offline; this follows the issue's description and
-    the structure of the authors' code (github.com/yinhao1102/FMFA, ``model/build.py`` and
-    ``objectives.compute_efa``), with these differences, all deliberate:
+    **Code form** (github.com/yinhao1102/FMFA: the ``'efa'`` branch of ``IRRA.forward`` in
+    ``model/build_finetune.py``, the model ``finetune.sh`` trains, and
+    ``model/objectives.py::compute_minmax_info_loss`` /
+    ``compute_infonce_loss_cosine``). Differences from the paper form, step by step:
 
-    - The code computes the token-patch weights on un-normalised tokens and uses every text
-      position (BOS, EOS and the padding of the 77-token context). Here: normalised tokens,
-      word tokens only.
-    - The code aggregates un-normalised patch tokens; here normalised ones (the joint embedding
-      is normalised before use either way).
-    - The code pools with ``logsumexp(x / 0.1)`` without the factor tau and then L2-normalises
-      each row of the (B, B) score matrix before the hinge. Here the factor tau is kept so the
-      scores are a smooth max on the cosine scale, where the margins are meaningful, and the
-      rows are not renormalised.
-    - In the code the image-retrieval half sums over the wrong axis (column sums of a
-      row-anchored matrix); here each half is a proper row- or column-anchored hinge.
-    - The code has no identity handling (same-person pairs are pushed apart); ``pids`` adds it.
+    1. Tokens: every position of ``text_tokens`` takes part, as the code uses all 77 positions
+       of CLIP's context (BOS, words, EOS and the padding positions, whose encoder outputs are
+       ordinary vectors under the causal mask): ``text_mask`` is only validated and
+       ``exclude_special`` is ignored. Patch tokens as in the paper form.
+    2. ``A_lk`` is the dot product of the un-normalised tokens (the projected encoder outputs),
+       not the cosine.
+    3. Sparsification as in the paper form (min-max, ``> 1/N``, rows renormalised). The code
+       divides by ``max - min`` and by the row sum without a guard (NaN for a row with no
+       spread); here the ``eps`` guard and the uniform fallback of the paper form stay, which
+       only changes such degenerate rows.
+    4. Joint embeddings ``j_il = sum_k W_lk v_ik`` aggregate the un-normalised patches (the
+       scores normalise them anyway).
+    5. Scores: ``S(a, b) = log sum_l exp(max_m cos(x_al, j_bm) / T)`` with T = 1 (the
+       ``temperature=1.0`` default of ``compute_infonce_loss_cosine``; ``pool_temperature``
+       defaults to 1.0 in this form) and no factor T in front, over all L query positions and
+       all L joint positions of b (step 1).
+    6. Each row ``S(a, :)`` of the (B, B) score matrix is divided by its L2 norm before the
+       hinge (``F.normalize(sims, dim=-1)``). As the pooled scores are all about log L + 1,
+       the normalised entries are all close to 1/sqrt(B) and their differences small: this is
+       what makes the code's gradient much smaller than the paper form's.
+    7. Hinge: with ``r[a, b] = S[a, b] - S[a, a] + m`` and ``c[a, b] = S[a, b] - S[b, b] + m``
+       and both diagonals set to 0 (not excluded: exp(0) is the "1 +" of the hinge), the code
+       returns ``mean_b log sum_a exp(c[a, b]) + mean_b log sum_a exp(r[a, b])``. The first is
+       the paper's column-anchored hinge. The second (the code's "image retrieval" cost) sums
+       the row-anchored violations over axis 0, i.e. for each column b it collects the
+       violations ``S[a, b] - S[a, a]`` of all anchors a against the negative b, instead of
+       each row anchor's violations against its negatives (a quirk: it is not the row-anchored
+       hinge of the paper form).
+    8. Same-identity pairs are ordinary negatives (no identity handling in the code): ``pids``
+       is only shape-checked.
+    9. Margins are hard-coded in ``compute_minmax_info_loss``: 0.1 for text tokens -> joint
+       and 0.9 for patch tokens -> joint (its own ``margin`` argument is unused); they are the
+       hinge margins of step 7, applied to the row-normalised scores of step 6. In this form
+       ``margin_text`` / ``margin_image`` default to 0.1 / 0.9; values passed are used as
+       given.
+    10. Precision: the code runs EFA on the fp16 encoder outputs; here, as every loss of this
+        module, in float32.
 
     Args:
         image_tokens: (B, N, D) patch tokens (no class token).
-        text_tokens: (B, L, D) text tokens.
+        text_tokens: (B, L, D) text tokens (all context positions; the code form uses them all).
         text_mask: (B, L) 1 on real tokens (BOS..EOS), 0 on padding.
-        margin_text: text->joint margin (``loss.efa_margin_text``).
-        margin_image: image->joint margin (``loss.efa_margin_image``).
-        pids: optional (B,) identities; same-identity pairs are then not negatives.
-        pool_temperature: tau of the log-sum-exp pooling (the authors use 0.1).
-        exclude_special: drop the first and last real token (BOS, EOS) of each caption.
+        margin_text: text->joint margin (``loss.efa_margin_text``); None: 0.1 (both forms).
+        margin_image: image->joint margin (``loss.efa_margin_image``); None: 0.1 (paper form),
+            0.9 (code form).
+        pids: optional (B,) identities; paper form: same-identity pairs are then not
+            negatives. Ignored by the code form.
+        pool_temperature: tau of the log-sum-exp pooling; None: 0.1 (paper form, with the
+            factor tau in front), 1.0 (code form, without it).
+        exclude_special: drop the first and last real token (BOS, EOS) of each caption (paper
+            form only).
         eps: guards the min-max and row-sum divisions.
+        form: ``"code"`` (default, the authors' code) or ``"paper"``.
 
     Returns:
         Scalar loss.
     """
+    if form not in _EFA_FORMS:
+        raise ValueError(f"efa: form must be one of {_EFA_FORMS}, got {form!r}")
     if image_tokens.dim() != 3 or text_tokens.dim() != 3:
         raise ValueError(
             f"efa: image_tokens must be (B, N, D) and text_tokens (B, L, D); got "
@@ -384,6 +501,22 @@ def efa(
     if pids is not None and pids.shape != (b,):
         raise ValueError(f"efa: pids must be ({b},), got {tuple(pids.shape)}")
 
+    if form == "code":
+        _word_token_mask(text_mask, exclude_special=False)  # validation only: every row has a token
+        m_text = 0.1 if margin_text is None else margin_text
+        m_image = 0.9 if margin_image is None else margin_image
+        temp = 1.0 if pool_temperature is None else pool_temperature
+        raw_patches = image_tokens.float()  # (B, N, D)
+        raw_tokens = text_tokens.float()  # (B, L, D), every position
+        weights = _sparse_token_patch_weights(raw_tokens @ raw_patches.transpose(1, 2), eps)
+        joint = weights @ raw_patches  # (B, L, D), un-normalised
+        s_text = _efa_code_scores(raw_tokens, joint, temp)
+        s_image = _efa_code_scores(raw_patches, joint, temp)
+        return _efa_code_hinge(s_text, m_text) + _efa_code_hinge(s_image, m_image)
+
+    margin_text = 0.1 if margin_text is None else margin_text
+    margin_image = 0.1 if margin_image is None else margin_image
+    pool_temperature = 0.1 if pool_temperature is None else pool_temperature
     words = _word_token_mask(text_mask, exclude_special)  # (B, L)
     # Captions are padded to the context length (77 for CLIP); the (B, B, N, L) similarity
     # tensors below only need the columns some caption uses.
@@ -475,36 +608,124 @@ def restore(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- IVT
 
 
-def cmpm(image_feats: Tensor, text_feats: Tensor, pids: Tensor, eps: float = 1e-8) -> Tensor:
+_LABEL_NORMS = ("sum", "l2")
+
+
+def cmpm(
+    image_feats: Tensor, text_feats: Tensor, pids: Tensor, eps: float = 1e-8, label_norm: str = "sum"
+) -> Tensor:
     """Cross-modal projection matching (Zhang & Lu ECCV 2018), IVT's alignment loss.
 
     Each embedding is projected on the normalised embeddings of the other modality (no
     temperature; the image's norm acts as one)::
 
-        p_ij = softmax_j(v_i^T t_j / ||t_j||),  q_ij = y_ij / sum_k y_ik
-        L_i2t = 1/B sum_i KL(p_i || q_i)   (eps inside log q)
+        p_ij = softmax_j(v_i^T t_j / ||t_j||),  q_ij = y_ij / norm(y_i)
+        L_i2t = 1/B sum_i sum_j p_ij (log p_ij - log(q_ij + eps))
         L_t2i = the same with t_i^T v_j / ||v_j||
         L_cmpm = L_i2t + L_t2i
 
-    IVT applies it at the sentence, phrase and word levels with the same image embedding
-    (``mla_sentence``, ``mla_phrase``, ``mla_word``): call it once per level.
+    ``label_norm`` picks norm(y_i):
 
-    Difference from the IVT / IRRA code (``labels_mask / labels_mask.norm(dim=1)``): there q is
-    divided by the L2 norm of the label row, so it does not sum to 1 when an identity has
-    several items in the batch; here it is the L1-normalised distribution of the CMPM paper.
+    - ``"sum"`` (default; the CMPM paper): ``sum_k y_ik``, so q_i is a distribution and each
+      term a KL divergence.
+    - ``"l2"`` (the IVT code, ``loss/cmps_loss.py::Loss.forward``, and IRRA / FMFA
+      ``model/objectives.py::compute_cmpm``: ``labels_mask / labels_mask.norm(dim=1)``):
+      ``sqrt(sum_k y_ik)``, so with n items of one identity in the batch q_ij = 1/sqrt(n) and
+      the row sums to sqrt(n), not 1 (the terms are then not KL divergences and can be
+      negative). Identical to "sum" when every identity appears once. eps sits in the same place
+      in both forms, inside the log, ``log(q + eps)``, with the code's 1e-8. (The code divides
+      the (B, B) mask by the (B,) vector of row norms, i.e. column j by the norm of row j; as
+      the mask is symmetric this equals row i's norm wherever y_ij = 1.)
+
+    For IVT's three levels (sentence, phrase, word) see ``mla``.
 
     Args:
         image_feats: (B, D) image embeddings (not normalised: the norm matters here).
         text_feats: (B, D) text embeddings (not normalised).
         pids: (B,) identity labels.
         eps: added to q inside the log.
+        label_norm: ``"sum"`` (default, the paper) or ``"l2"`` (the authors' code).
 
     Returns:
         Scalar loss.
     """
+    if label_norm not in _LABEL_NORMS:
+        raise ValueError(f"cmpm: label_norm must be one of {_LABEL_NORMS}, got {label_norm!r}")
     _check_pair("cmpm", image_feats, text_feats, pids)
     v, t = image_feats.float(), text_feats.float()
-    q = _true_match_distribution(pids)
+    if label_norm == "sum":
+        q = _true_match_distribution(pids)
+    else:
+        y = _same_pid(pids).float()
+        q = y / y.sum(dim=1, keepdim=True).sqrt()
     image_proj_text = v @ F.normalize(t, dim=-1).t()  # (B, B)
     text_proj_image = t @ F.normalize(v, dim=-1).t()  # (B, B)
     return _kl_rows(image_proj_text, q, eps).mean() + _kl_rows(text_proj_image, q, eps).mean()
+
+
+_MLA_FORMS = ("joint", "separate")
+
+
+def mla(
+    image_feats_per_level: list[Tensor],
+    text_feats_per_level: list[Tensor],
+    pids: Tensor,
+    form: str = "joint",
+    label_norm: str = "sum",
+    eps: float = 1e-8,
+) -> Tensor:
+    """IVT multi-level alignment: CMPM over the sentence, phrase and word levels.
+
+    Level k pairs the image embeddings ``image_feats_per_level[k]`` (B, D) with the text
+    embeddings ``text_feats_per_level[k]`` (B, D); row i of every level is the same pair
+    (identity ``pids[i]``).
+
+    - ``form="joint"`` (default; the IVT code): ONE ``cmpm`` over the K levels concatenated,
+      K*B image rows against K*B text rows with the pids repeated K times
+      (``torch.cat([pid, pid, pid])``). Every row of an identity, at any level, is then a true
+      match of every other: the softmax of a row runs over all K*B items and the target spreads
+      over the K * n_i items of its identity.
+    - ``form="separate"``: ``sum_k cmpm(image_k, text_k, pids)``, one CMPM per level over B
+      rows (what calling ``cmpm`` once per level gives, e.g. with one image embedding for all
+      levels).
+
+    In the authors' code (github.com/TencentYoutuResearch/PersonRetrieval-IVT,
+    ``processor/processor.py::do_train_cuhkpedes_uvt_level_data`` and its ICFG / RSTPReid
+    twins, loss ``loss/cmps_loss.py::Loss``), the batch holds three independent draws
+    ``img1, img2, img3`` of the same training transform of one image (resize, pad 10, random
+    crop, random horizontal flip p=0.5, normalise, random erasing p=0.5; ``datasets/bases.py``,
+    ``datasets/make_dataloader.py``); the texts are ``word + phrase + sentence`` (in that
+    order) and the images ``cat([img1, img2, img3])``, so img1 goes with the word level, img2
+    with the phrase level and img3 with the sentence level, and ``out_vis, out_txt`` (3B rows
+    each) go through one CMPM with ``label_norm="l2"``. The exact authors' form is therefore
+    ``form="joint", label_norm="l2"`` with one augmented view per level. The joint loss does
+    not depend on the order of the levels.
+
+    Args:
+        image_feats_per_level: K tensors (B, D), the image view paired with each level.
+        text_feats_per_level: K tensors (B, D), the text embeddings of each level.
+        pids: (B,) identity labels.
+        form: ``"joint"`` (default) or ``"separate"``.
+        label_norm: passed to ``cmpm`` (``"sum"`` default, ``"l2"`` as the code).
+        eps: passed to ``cmpm``.
+
+    Returns:
+        Scalar loss.
+    """
+    if form not in _MLA_FORMS:
+        raise ValueError(f"mla: form must be one of {_MLA_FORMS}, got {form!r}")
+    images, texts = list(image_feats_per_level), list(text_feats_per_level)
+    if not images or len(images) != len(texts):
+        raise ValueError(
+            f"mla: image_feats_per_level and text_feats_per_level must be non-empty lists of the "
+            f"same length; got {len(images)} and {len(texts)}"
+        )
+    for k, (v, t) in enumerate(zip(images, texts, strict=True)):
+        _check_pair(f"mla (level {k})", v, t, pids)
+    if form == "separate":
+        total = cmpm(images[0], texts[0], pids, eps=eps, label_norm=label_norm)
+        for v, t in zip(images[1:], texts[1:], strict=True):
+            total = total + cmpm(v, t, pids, eps=eps, label_norm=label_norm)
+        return total
+    repeated = torch.cat([pids.reshape(-1)] * len(images))
+    return cmpm(torch.cat(images), torch.cat(texts), repeated, eps=eps, label_norm=label_norm)

@@ -126,7 +126,10 @@ def test_a_sdm_weight_exactly_one_equals_sdm():
     _, weights = _sdm_reference(v, t, pids, tau=0.02, alpha=10.0)
     assert all(w == 1.0 for row in weights for w in row)
     pid_t = torch.tensor(pids)
-    assert losses.a_sdm(v, t, pid_t, 0.02, alpha=10.0).item() == losses.sdm(v, t, pid_t, 0.02).item()
+    assert (
+        losses.a_sdm(v, t, pid_t, 0.02, alpha=10.0, form="paper").item()
+        == losses.sdm(v, t, pid_t, 0.02).item()
+    )
 
 
 def test_a_sdm_weight_above_one_matches_formula():
@@ -136,7 +139,7 @@ def test_a_sdm_weight_above_one_matches_formula():
     t = v[[1, 0, 2, 3]] + 0.05 * torch.randn(4, 6, generator=g)  # rows 0 and 1 rank the wrong pair first
     ref, weights = _sdm_reference(v, t, pids, tau=0.1, alpha=3.0)
     assert max(max(row) for row in weights) > 1.5
-    got = losses.a_sdm(v, t, torch.tensor(pids), temperature=0.1, alpha=3.0)
+    got = losses.a_sdm(v, t, torch.tensor(pids), temperature=0.1, alpha=3.0, form="paper")
     assert got.item() == pytest.approx(ref, rel=1e-4)
     assert got > losses.sdm(v, t, torch.tensor(pids), temperature=0.1)
 
@@ -147,7 +150,7 @@ def test_a_sdm_weight_carries_no_gradient():
     v = torch.randn(3, 4, generator=g, requires_grad=True)
     t = torch.randn(3, 4, generator=g)
     _, weights = _sdm_reference(v.detach(), t, [0, 1, 2], tau=0.1, alpha=5.0)
-    losses.a_sdm(v, t, pids, temperature=0.1, alpha=5.0).backward()
+    losses.a_sdm(v, t, pids, temperature=0.1, alpha=5.0, form="paper").backward()
     # Same loss with the weights as constants: per-row KL terms written out with torch ops.
     v2 = v.detach().clone().requires_grad_(True)
     s = F.normalize(v2, dim=1) @ F.normalize(t, dim=1).t() / 0.1
@@ -326,7 +329,7 @@ def _efa_inputs(seed, b=3, n=5, length=6, d=4):
 def test_efa_matches_loop_reference_with_padding():
     img, txt, mask = _efa_inputs(7)
     ref = _efa_reference(img, txt, mask, 0.2, 0.8)
-    got = losses.efa(img, txt, mask, margin_text=0.2, margin_image=0.8)
+    got = losses.efa(img, txt, mask, margin_text=0.2, margin_image=0.8, form="paper")
     assert got.item() == pytest.approx(ref, rel=1e-4)
 
 
@@ -334,22 +337,22 @@ def test_efa_matches_loop_reference_with_pids():
     img, txt, mask = _efa_inputs(8, b=4)
     pids = [0, 0, 1, 2]
     ref = _efa_reference(img, txt, mask, 0.1, 0.1, pids=pids)
-    got = losses.efa(img, txt, mask, 0.1, 0.1, pids=torch.tensor(pids))
+    got = losses.efa(img, txt, mask, 0.1, 0.1, pids=torch.tensor(pids), form="paper")
     assert got.item() == pytest.approx(ref, rel=1e-4)
-    assert got.item() != pytest.approx(losses.efa(img, txt, mask, 0.1, 0.1).item(), rel=1e-3)
+    assert got.item() != pytest.approx(losses.efa(img, txt, mask, 0.1, 0.1, form="paper").item(), rel=1e-3)
 
 
 def test_efa_ignores_padding_and_special_tokens():
     img, txt, mask = _efa_inputs(9)
-    base = losses.efa(img, txt, mask)
+    base = losses.efa(img, txt, mask, form="paper")
     changed = txt.clone()
     changed[1, 4:] = 50.0  # padding of caption 1 (length 4)
     changed[:, 0] = -3.0  # BOS of every caption
     changed[2, 2] = 7.0  # EOS of caption 2 (length 3)
-    assert losses.efa(img, changed, mask).item() == pytest.approx(base.item(), rel=1e-6)
+    assert losses.efa(img, changed, mask, form="paper").item() == pytest.approx(base.item(), rel=1e-6)
     # With exclude_special off, BOS/EOS take part and the value moves.
-    assert losses.efa(img, changed, mask, exclude_special=False).item() != pytest.approx(
-        losses.efa(img, txt, mask, exclude_special=False).item(), rel=1e-3
+    assert losses.efa(img, changed, mask, exclude_special=False, form="paper").item() != pytest.approx(
+        losses.efa(img, txt, mask, exclude_special=False, form="paper").item(), rel=1e-3
     )
 
 
@@ -363,8 +366,8 @@ def test_efa_aligned_pairs_cost_less_than_shuffled(seed):
     words = torch.stack([img[i, idx[i]] for i in range(b)]) + 0.1 * torch.randn(b, 3, d, generator=g)
     txt = torch.cat([torch.randn(b, 1, d, generator=g), words, torch.randn(b, 1, d, generator=g)], dim=1)
     mask = torch.ones(b, 5, dtype=torch.long)
-    aligned = losses.efa(img, txt, mask)
-    shuffled = losses.efa(img[[1, 2, 3, 0]], txt, mask)
+    aligned = losses.efa(img, txt, mask, form="paper")
+    shuffled = losses.efa(img[[1, 2, 3, 0]], txt, mask, form="paper")
     assert aligned < shuffled
 
 
@@ -420,5 +423,7 @@ def test_efa_has_finite_gradients_with_padding():
     txt[:, 5:] = 0.0  # zero padding vectors, as some encoders leave them
     img.requires_grad_(True)
     txt.requires_grad_(True)
-    _grads_finite(losses.efa(img, txt, mask, 0.2, 1.0, pids=torch.tensor([0, 1, 1, 2])), img, txt)
+    _grads_finite(
+        losses.efa(img, txt, mask, 0.2, 1.0, pids=torch.tensor([0, 1, 1, 2]), form="paper"), img, txt
+    )
     assert (txt.grad[1, 4:] == 0).all()  # padding gets no gradient
