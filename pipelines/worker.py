@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipelines.storage import is_uri, local_dir, upload_dir, write_bytes, write_text
-from tpr_core.config import ExperimentConfig, flatten
+from tpr_core.config import ExperimentConfig, derived_params, flatten
 
 _STATE_TAG = "state"
 REDUCE_BUCKET_SIZE = 50_000_000  # elements per gradient reduction bucket (ZeRO 1-3)
@@ -37,16 +37,22 @@ REDUCE_BUCKET_SIZE = 50_000_000  # elements per gradient reduction bucket (ZeRO 
 
 class _Wrapped(nn.Module):
     """DeepSpeed wraps this: every use of the method (train step, image or text encoding)
-    goes through ``forward`` so that ZeRO-3's parameter gathering hooks always fire."""
+    goes through ``forward`` so that ZeRO-3's parameter gathering hooks always fire.
 
-    def __init__(self, method: nn.Module) -> None:
+    ``scope`` (``tpr_core.distributed``) is what the batch-level loss terms see: the global
+    batch gathered from every rank (``loss.gather: global``) or this rank's share."""
+
+    def __init__(self, method: nn.Module, scope: Any = None) -> None:
         super().__init__()
+        from tpr_core.distributed import LOCAL
+
         self.method = method
+        self.scope = LOCAL if scope is None else scope
 
     def forward(self, batch: dict[str, torch.Tensor], mode: str = "train") -> Any:
         if mode == "train":
             out = self.method(batch)
-            return self.method.loss_terms(out, batch)
+            return self.method.loss_terms(out, batch, self.scope)
         if mode == "image":
             return self.method.encode_image(batch["images"])
         if mode == "text":
@@ -128,8 +134,8 @@ def ds_config(cfg: ExperimentConfig, micro_batch: int) -> dict[str, Any]:
     if d.zero_stage == 3:
         # Gather full weights on save so a ZeRO-3 checkpoint also carries consolidated weights.
         conf["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    if cfg.optim.grad_clip > 0:
-        conf["gradient_clipping"] = cfg.optim.grad_clip
+    # Always written: without the key DeepSpeed clips at norm 1.0; 0.0 means no clipping.
+    conf["gradient_clipping"] = float(cfg.optim.grad_clip)
     if d.precision == "bf16":
         conf["bf16"] = {"enabled": True}
     elif d.precision == "fp16":
@@ -287,7 +293,7 @@ class _Tracker:
             tags=tags,
             parent_run_id=config.get("parent_run_id"),
         )
-        tracking.log_params_flat(self.run_id, flatten(cfg.model_dump(mode="json")))
+        tracking.log_params_flat(self.run_id, {**flatten(cfg.model_dump(mode="json")), **derived_params(cfg)})
         last = tracking.last_logged_step(self.run_id, "train/loss")
         if last is not None:
             self.skip_until["train"] = last
@@ -315,7 +321,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (``train_loop_config`` is ``config``)."""
     import ray.train
 
-    from tpr_core.data.dataset import TrainDataset, load_split, make_train_loader, train_identity_count
+    from tpr_core.data.dataset import IMAGE_KEYS, TrainDataset, load_split, make_train_loader, train_identity_count
     from tpr_core.data.samplers import build_batch_sampler
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.models import build_method, method_spec
@@ -334,7 +340,9 @@ def train_loop(config: dict[str, Any]) -> None:
     num_classes = train_identity_count(train_data)
     spec = method_spec(cfg.method)
     method = build_method(cfg, num_classes, tokenizer)
-    model = _Wrapped(method)
+    from tpr_core.distributed import batch_scope
+
+    model = _Wrapped(method, batch_scope(cfg.loss.gather))
     optimizer = build_optimizer(method, cfg.optim)
     # param groups were built on `method`; names in _Wrapped are prefixed but the tensors are the same
 
@@ -392,7 +400,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if dtype != torch.float32:
-                batch["images"] = batch["images"].to(dtype)
+                for key in IMAGE_KEYS:
+                    if key in batch:
+                        batch[key] = batch[key].to(dtype)
             terms = engine(batch)
             total = sum(weights[k] * terms[k] for k in term_names)
             engine.backward(total)

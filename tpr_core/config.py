@@ -69,9 +69,54 @@ class LossConfig(_Strict):
     )
     temperature: float = Field(0.02, gt=0.0, le=1.0, description="Softmax temperature of SDM / A-SDM.")
     mlm_mask_ratio: float = Field(0.15, gt=0.0, lt=1.0, description="Share of caption tokens masked for MLM.")
-    a_sdm_alpha: float = Field(10.0, ge=0.0, le=100.0, description="A-SDM row-weight strength alpha (FMFA).")
-    efa_margin_text: float = Field(0.1, ge=0.0, le=5.0, description="EFA hinge margin, text to joint.")
-    efa_margin_image: float = Field(0.1, ge=0.0, le=5.0, description="EFA hinge margin, image to joint.")
+    gather: Literal["global", "local"] = Field(
+        "global",
+        description=(
+            "global: the batch-level terms (SDM, A-SDM, EFA, triplet, CMPM) compare every sample of the "
+            "global batch, gathered from all workers (as one process on data.batch_size); local: each "
+            "worker's share only (results then depend on the number of workers)."
+        ),
+    )
+    a_sdm_form: Literal["paper", "code"] = Field(
+        "code",
+        description=(
+            "A-SDM row weight. code (FMFA's released code): 1 + 0.1 (cos to the row's most similar item - "
+            "cos to its first positive) when the two differ, not detached; paper: "
+            "a_sdm_alpha (max_k p_ik - p_ii) + 1 on detached probabilities."
+        ),
+    )
+    a_sdm_alpha: float = Field(
+        10.0, ge=0.0, le=100.0, description="A-SDM strength alpha of the paper form (paper: 10; 1 on RSTPReid)."
+    )
+    efa_form: Literal["paper", "code"] = Field(
+        "code",
+        description=(
+            "EFA. code (FMFA's released code): every text position, log-sum-exp pooling at tau 1, rows of "
+            "the pair-score matrix L2-normalised, margins 0.1 / 0.9, no identity handling; paper: word "
+            "tokens, tau 0.1, no row normalisation, same-identity pairs not negatives."
+        ),
+    )
+    efa_margin_text: float | None = Field(
+        None, ge=0.0, le=5.0, description="EFA hinge margin, text to joint; null: the form's (0.1 both forms)."
+    )
+    efa_margin_image: float | None = Field(
+        None,
+        ge=0.0,
+        le=5.0,
+        description="EFA hinge margin, image to joint; null: the form's (code 0.9, paper 0.1 on CUHK-PEDES).",
+    )
+    mla_form: Literal["joint", "separate"] = Field(
+        "joint",
+        description=(
+            "IVT multi-level alignment. joint (IVT's code): one CMPM over the sentence, phrase and word "
+            "rows together (3B), each level with its own augmented view of the image; separate: one CMPM "
+            "per level against one image view, summed."
+        ),
+    )
+    cmpm_label_norm: Literal["sum", "l2"] = Field(
+        "sum",
+        description="CMPM true-match labels divided by their sum (the CMPM paper) or their L2 norm (IVT's code).",
+    )
     triplet_margin: float = Field(0.05, ge=0.0, le=2.0, description="Cross-modal triplet margin (UIT).")
     restore_mask_ratio: float = Field(0.7, gt=0.0, lt=1.0, description="Share of patches dropped (UIT).")
     bmm_mask_ratio: float = Field(0.2, ge=0.0, lt=1.0, description="Max share of tokens dropped (IVT BMM).")
@@ -109,30 +154,119 @@ class DataConfig(_Strict):
         None, description="Raw dataset to prepare on first use; for synthetic, where it is generated."
     )
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
-    batch_size: int = Field(64, ge=1, description="Global batch size (all workers, one optimizer step).")
-    eval_batch_size: int = Field(256, ge=1, description="Batch size for encoding during evaluation.")
-    sampler: Literal["random", "identity"] = Field(
-        "random", description="random, or identity-balanced with K instances per identity."
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Global batch size: the samples of one optimizer step over all workers, and (with "
+            "loss.gather: global and grad_accum 1) the batch every batch-level loss term compares. Each "
+            "worker's micro-batch is data.batch_size / (distributed.num_workers x distributed.grad_accum)."
+        ),
     )
-    instances_per_identity: int = Field(4, ge=1, description="K of the identity-balanced sampler.")
+    eval_batch_size: int = Field(256, ge=1, description="Batch size for encoding during evaluation.")
+    sampler: Literal["random", "identity", "identity_random_k"] = Field(
+        "random",
+        description=(
+            "random; identity: P identities x K instances per global batch (IRRA's identity sampler); "
+            "identity_random_k: each identity 1..K instances, K drawn per identity and epoch (UIT/SEN's "
+            "idrannum)."
+        ),
+    )
+    instances_per_identity: int = Field(
+        4, ge=1, description="K of the identity samplers (UIT: 2, the largest group of identity_random_k)."
+    )
     loader_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank.")
     augment: bool = Field(True, description="Flip, pad-and-crop and random erasing on training images.")
     text_aug_prob: float = Field(0.0, ge=0.0, le=1.0, description="UIT caption pruning probability.")
 
 
 class OptimConfig(_Strict):
-    """AdamW with IRRA-style parameter groups and warm-up + cosine schedule."""
+    """Optimizer, parameter groups and LR schedule (``tpr_core.optim``).
 
-    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Base learning rate (encoders).")
-    head_lr_factor: float = Field(5.0, gt=0.0, le=1000.0, description="LR multiplier for heads.")
-    bias_lr_factor: float = Field(2.0, gt=0.0, le=100.0, description="LR multiplier for biases.")
-    weight_decay: float = Field(4e-5, ge=0.0, le=1.0, description="Weight decay (not on biases/norms).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    Defaults are IRRA's released code (``solver/build.py``, ``utils/options.py``): Adam
+    (eps 1e-3), lr 1e-5, 5x for the randomly initialised cross-modal modules, MLM head and
+    classifier, 2x and no weight decay for biases, weight decay on every other parameter,
+    a per-epoch linear warm-up from 0.1x over 5 epochs then cosine to 0.
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = Field(
+        "adam", description="torch.optim.Adam (L2 weight decay, as the authors' Adam), AdamW or SGD."
+    )
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Base learning rate (every parameter not named below).")
+    head_modules: list[str] = Field(
+        default_factory=lambda: [
+            "irr.cross_attn", "irr.transformer", "irr.mlm_head", "classifier",
+            "restorer.cross_attn", "restorer.transformer",
+        ],
+        description=(
+            "Parameter-name prefixes (module paths in the method module) trained at lr x head_lr_factor; "
+            "default: what IRRA's code puts at 5x ('cross' modules, mlm_head, classifier) and UIT's "
+            "(its restoration cross-attentions and transformer); prefixes a method lacks match nothing."
+        ),
+    )
+    head_lr_factor: float = Field(5.0, gt=0.0, le=1000.0, description="LR multiplier for head_modules.")
+    bias_lr_factor: float = Field(
+        2.0, gt=0.0, le=100.0,
+        description="LR multiplier for biases (last name part contains 'bias'); replaces head_lr_factor.",
+    )
+    head_bias_modules: list[str] = Field(
+        default_factory=lambda: ["irr.mlm_head", "classifier"],
+        description=(
+            "Prefixes whose biases get lr x head_lr_factor instead of lr x bias_lr_factor (IRRA's code "
+            "applies its classifier/mlm_head rule after its bias rule, its 'cross' rule before)."
+        ),
+    )
+    bias_rule: Literal["authors", "stacked"] = Field(
+        "authors",
+        description=(
+            "authors: a bias is a parameter whose last name part contains 'bias' (in_proj_bias too), at "
+            "lr x bias_lr_factor or, in head_bias_modules, lr x head_lr_factor; stacked (tpr's earlier rule, "
+            "tiny configs): only names ending in '.bias', at their module's lr x bias_lr_factor."
+        ),
+    )
+    weight_decay: float = Field(4e-5, ge=0.0, le=1.0, description="Weight decay of non-bias parameters.")
+    bias_weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay of biases.")
+    decay_1d_params: bool = Field(
+        True,
+        description="Decay 1-D non-bias parameters (norm scales, class token) too, as the authors' code; "
+        "false exempts them (tpr's earlier rule; tiny configs).",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas.")
+    eps: float = Field(1e-3, gt=0.0, le=1.0, description="Adam/AdamW epsilon (IRRA's Adam: 1e-3).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only; no dampening, no Nesterov).")
+    schedule_unit: Literal["epoch", "step"] = Field(
+        "epoch",
+        description="epoch: the LR changes once per epoch (the authors' schedulers); step: every optimizer step.",
+    )
     warmup_epochs: float = Field(5.0, ge=0.0, description="Linear warm-up length in epochs.")
     warmup_factor: float = Field(0.1, gt=0.0, le=1.0, description="LR factor at the start of warm-up.")
     min_lr_factor: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a factor of the LR.")
+    warmup_prefix: bool = Field(
+        True,
+        description="true: the cosine runs from the end of warm-up, (t - warmup) / (T - warmup) (IRRA); "
+        "false: t / T, warm-up overwrites its start (timm's CosineLRScheduler, IVT).",
+    )
+    schedule_anchor: Literal["group", "base"] = Field(
+        "group",
+        description="What warmup_factor and min_lr_factor scale: each group's own LR (IRRA) or optim.lr "
+        "for every group (IVT: warm-up from 0.01 x BASE_LR, floor 0.002 x BASE_LR).",
+    )
+    epoch_offset: int = Field(
+        0, ge=0, le=1000,
+        description="Schedule epoch t of tpr's first epoch (IRRA: 0; IVT on CUHK-PEDES steps its scheduler from 1).",
+    )
+    cosine_epochs: int | None = Field(
+        None, ge=1, description="Cosine length T in epochs; null: train.epochs."
+    )
     grad_clip: float = Field(0.0, ge=0.0, description="Gradient norm clipping; 0 disables it.")
+
+    @field_validator("head_modules", "head_bias_modules")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        out = [p.strip().rstrip(".") for p in v]
+        if any(not p for p in out):
+            raise ValueError("module prefixes must be non-empty")
+        return out
 
 
 class TrainConfig(_Strict):
@@ -201,10 +335,11 @@ class ExperimentConfig(_Strict):
                 f"data.batch_size {self.data.batch_size} must be divisible by "
                 f"distributed.num_workers x distributed.grad_accum = {per_step}"
             )
-        if self.data.sampler == "identity" and (self.data.batch_size // per_step) % self.data.instances_per_identity:
+        global_micro = self.data.batch_size // d.grad_accum
+        if self.data.sampler == "identity" and global_micro % self.data.instances_per_identity:
             raise ValueError(
-                f"per-rank micro-batch {self.data.batch_size // per_step} (data.batch_size / workers / grad_accum) "
-                f"must be divisible by data.instances_per_identity {self.data.instances_per_identity}"
+                f"global micro-batch {global_micro} (data.batch_size / distributed.grad_accum) must be "
+                f"divisible by data.instances_per_identity {self.data.instances_per_identity}"
             )
         if self.train.checkpoint_every % self.train.eval_every and self.train.eval_every % self.train.checkpoint_every:
             raise ValueError(
@@ -319,9 +454,32 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     return config_from_dict(tree, str(path))
 
 
+def per_worker_batch(cfg: ExperimentConfig) -> int:
+    """Rows in one micro-batch of one worker: data.batch_size / (num_workers x grad_accum)."""
+    d = cfg.distributed
+    return cfg.data.batch_size // (d.num_workers * d.grad_accum)
+
+
+def derived_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Values that follow from the config, logged beside it (MLflow params, resolved YAML)."""
+    global_micro = cfg.data.batch_size // cfg.distributed.grad_accum
+    return {
+        "derived.batch_size_per_worker": per_worker_batch(cfg),
+        "derived.loss_batch": global_micro if cfg.loss.gather == "global" else per_worker_batch(cfg),
+    }
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML; ``load`` of it gives back an equal config."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, headed by a comment with the derived batch sizes; ``load`` of
+    it gives back an equal config."""
+    derived = derived_params(cfg)
+    head = (
+        f"# derived: {derived['derived.batch_size_per_worker']} samples per worker and micro-batch "
+        f"(data.batch_size {cfg.data.batch_size} / {cfg.distributed.num_workers} workers / grad_accum "
+        f"{cfg.distributed.grad_accum}); the batch-level loss terms compare {derived['derived.loss_batch']} "
+        f"samples (loss.gather: {cfg.loss.gather})\n"
+    )
+    return head + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

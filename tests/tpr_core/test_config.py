@@ -56,10 +56,10 @@ def test_bad_values_name_the_key(tmp_path, overrides, needle):
 
 
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
-    p = _write(tmp_path, {"method": "irra", "optim": {"lr": 1e-4, "momentum": 0.9}, "data": {"batch_size": 8}})
+    p = _write(tmp_path, {"method": "irra", "optim": {"lr": 1e-4, "momentm": 0.9}, "data": {"batch_size": 8}})
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert "optim.momentum" in str(e.value) and "unknown key" in str(e.value) and str(p) in str(e.value)
+    assert "optim.momentm" in str(e.value) and "unknown key" in str(e.value) and str(p) in str(e.value)
 
 
 def test_cross_field_batch_divisibility_names_both_fields():

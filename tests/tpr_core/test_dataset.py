@@ -198,11 +198,14 @@ def test_load_split_rows_and_unique_images(root) -> None:
 def test_train_items_and_batch_follow_the_contract(root, tok) -> None:
     data = load_split(root, "train")
     ds = TrainDataset(
-        data, tok, SIZE, 24, augment=False, views=("mlm", "levels"), mlm_mask_ratio=0.15, seed=0
+        data, tok, SIZE, 24, augment=False, views=("mlm", "levels", "level_images"), mlm_mask_ratio=0.15, seed=0
     )
     batch = collate([ds[i] for i in (5, 0, 11)])
     expected_keys = {
         "images",
+        "phrase_images",
+        "word_images",
+        "sample_seed",
         "text_ids",
         "text_mask",
         "pids",
@@ -216,7 +219,9 @@ def test_train_items_and_batch_follow_the_contract(root, tok) -> None:
     }
     assert set(batch) == expected_keys
     assert batch["images"].shape == (3, 3, *SIZE) and batch["images"].dtype == torch.float32
-    for k in expected_keys - {"images"}:
+    # without augmentation the level views are the image itself, normalised the same way
+    assert torch.equal(batch["phrase_images"], batch["images"]) and torch.equal(batch["word_images"], batch["images"])
+    for k in expected_keys - {"images", "phrase_images", "word_images"}:
         assert batch[k].dtype == torch.long, k
     assert batch["index"].tolist() == [5, 0, 11]
     assert batch["pids"].tolist() == [1, 0, 2]  # rows 5, 0, 11 belong to pids 1, 0, 2
@@ -349,3 +354,22 @@ def test_missing_column_and_bad_image(tmp_path, tok) -> None:
     ds = TrainDataset(data, tok, SIZE, 24, augment=False)
     with pytest.raises(DatasetError, match=r"split 'train' row 2 \(0001/1.png\): field 'image'"):
         ds[2]
+
+
+def test_level_views_and_sample_seeds_come_from_the_sample(root, tok) -> None:
+    """The level image views are independent augmentation draws; the other items are those of a
+    dataset without the view; sample seeds depend on (seed, epoch, row) only."""
+    data = load_split(root, "train")
+    plain = TrainDataset(data, tok, SIZE, 24, augment=True, views=("levels",), seed=3)
+    views = TrainDataset(data, tok, SIZE, 24, augment=True, views=("levels", "level_images"), seed=3)
+    rows = list(range(12))
+    a, b = collate([plain[i] for i in rows]), collate([views[i] for i in rows])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    differs = [not torch.equal(b["images"][i], b["phrase_images"][i]) for i in range(len(rows))]
+    assert any(differs)  # flips, shifts and erasing drawn again for the phrase view
+    seeds = b["sample_seed"].tolist()
+    assert len(set(seeds)) == len(seeds) and all(s >= 0 for s in seeds)
+    assert collate([views[i] for i in (3, 1)])["sample_seed"].tolist() == [seeds[3], seeds[1]]
+    views.set_epoch(1)
+    assert views[3]["sample_seed"] != seeds[3]

@@ -91,6 +91,8 @@ def _batch(b: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     word_ids, word_mask = _captions([w[:2] for w in words])
     return {
         "images": torch.randn(b, 3, H, W, generator=g),
+        "phrase_images": torch.randn(b, 3, H, W, generator=g),
+        "word_images": torch.randn(b, 3, H, W, generator=g),
         "text_ids": ids,
         "text_mask": mask,
         "pids": torch.arange(b) // 2,  # two pairs per identity
@@ -240,6 +242,8 @@ def _overfit_data(n_ids: int = 5, per_id: int = 4, h: int = 32, w: int = 16) -> 
     mlm_ids, labels = _mlm_view(ids, mask, [1 + (i + 3) % 6 for i in range(len(pids))])
     return {
         "images": images,
+        "phrase_images": images.flip(-1),
+        "word_images": images,
         "text_ids": ids,
         "text_mask": mask,
         "pids": pids,

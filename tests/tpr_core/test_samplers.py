@@ -153,3 +153,47 @@ def test_build_batch_sampler() -> None:
     assert len(r) == (len(pids) // 2) // 8
     with pytest.raises(ValueError, match="known samplers"):
         build_batch_sampler("balanced", pids, 8)
+
+
+@pytest.mark.parametrize("kind", ["random", "identity", "identity_random_k"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_batches_do_not_depend_on_the_rank_count(kind: str, world: int) -> None:
+    """Rank 0's block, then rank 1's, ... is the single-process batch, in its order, every step
+    (the order in which the global batch is gathered for the loss terms)."""
+    pids, global_batch, k = _pids(), 16, 2
+    single = build_batch_sampler(kind, pids, global_batch, k=k, rank=0, world_size=1, seed=3)
+    ranks = [build_batch_sampler(kind, pids, global_batch // world, k=k, rank=r, world_size=world, seed=3)
+             for r in range(world)]
+    for epoch in (0, 1):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        want = list(single)
+        got = [sum(step, []) for step in zip(*(list(s) for s in ranks), strict=True)]
+        assert len(want) > 2 and got == want
+    # resuming mid-epoch skips the same global batches everywhere
+    single.set_start(2)
+    for s in ranks:
+        s.set_start(2)
+    assert [sum(step, []) for step in zip(*(list(s) for s in ranks), strict=True)] == list(single)
+
+
+def test_identity_random_k_groups_of_one_to_k() -> None:
+    """SEN's idrannum: per epoch each identity gives groups of one size n in [1, K]; a batch's
+    rows of an identity come in whole groups except where a group straddles two batches."""
+    pids = np.repeat(np.arange(60), 6)  # 60 identities x 6 rows
+    s = build_batch_sampler("identity_random_k", pids, 32, k=2, seed=0)
+    s.set_epoch(0)
+    flat = sum(list(s), [])
+    assert len(flat) == len(set(flat))  # 6 rows per identity: no group reuses a row
+    sizes = Counter()
+    run_pid, run_len = None, 0
+    for p in pids[flat].tolist() + [-1]:
+        if p == run_pid:
+            run_len += 1
+            continue
+        if run_pid is not None:
+            sizes[run_len] += 1
+        run_pid, run_len = p, 1
+    assert set(sizes) <= {1, 2, 3, 4} and sizes[1] > 0 and sizes[2] > 0  # adjacent groups may merge
+    with pytest.raises(ValueError, match="identities"):
+        build_batch_sampler("identity_random_k", np.arange(10), 32, k=2)

@@ -33,13 +33,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from tpr_core.data.tokenizer import Tokenizer
-from tpr_core.data.transforms import ImageTransform, normalize_batch
+from tpr_core.data.transforms import ImageTransform, decode_image_bytes, normalize_batch
 from tpr_core.data.views import mask_tokens, phrase_chunks, prune_caption, word_phrases
 
 MANIFEST_NAMES = ("_manifest.json", "manifest.json")
 REQUIRED_COLUMNS = ("split", "pid", "image_id", "image_path", "caption", "caption_index", "image")
-KNOWN_VIEWS = ("mlm", "text_aug", "levels")
+KNOWN_VIEWS = ("mlm", "text_aug", "levels", "level_images")
 ERASE_KEY = "_erase"  # item key of the random-erasing box, consumed by collate
+# View ``level_images``: IVT pairs its phrase and word levels each with an augmented view of
+# its own of the image (``images`` goes with the sentence).
+LEVEL_IMAGE_KEYS = ("phrase_images", "word_images")
+IMAGE_KEYS = ("images", *LEVEL_IMAGE_KEYS)
+
+
+def _erase_key(image_key: str) -> str:
+    return ERASE_KEY if image_key == "images" else f"{ERASE_KEY}:{image_key}"
 _META_COLUMNS = ["pid", "image_id", "image_path", "caption", "caption_index"]
 _MAX_BINARY = 2**31 - 1 - 2**20  # a pa.binary array addresses at most 2 GiB
 
@@ -277,12 +285,22 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _sample_state(seed: int, epoch: int, index: int) -> int:
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ epoch) ^ index)
+
+
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator for one sample, from (seed, epoch, row): independent of worker and order."""
-    state = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ epoch) ^ index)
     g = torch.Generator()
-    g.manual_seed(state & (2**63 - 1))
+    g.manual_seed(_sample_state(seed, epoch, index) & (2**63 - 1))
     return g
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed a model draws one sample's own randomness from (UIT's dropped patches), from
+    (seed, epoch, row) like the data's: a sample is masked the same way whatever the number of
+    workers and wherever it sits in the batch. Distinct from the data generator's seed."""
+    return _splitmix64(_sample_state(seed, epoch, index) ^ 0x5EED) & (2**63 - 1)
 
 
 class _CaptionTokens:
@@ -377,8 +395,12 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)
         g = _sample_generator(self.seed, self.epoch, i)
+        level_images = "level_images" in self.views
         try:
-            image, erase = self.transform.geometric(self.data.image_bytes(int(self.data.image_rows[i])), g)
+            raw: Any = self.data.image_bytes(int(self.data.image_rows[i]))
+            if level_images:
+                raw = decode_image_bytes(raw)  # decoded once for the three views
+            image, erase = self.transform.geometric(raw, g)
         except RuntimeError as e:
             raise _decode_error(self.data, i, e) from e
         pruned = None
@@ -396,6 +418,7 @@ class TrainDataset(Dataset):
             "text_mask": mask,
             "pids": int(self.data.pids[i]),  # ints: collate makes one tensor per batch
             "index": i,
+            "sample_seed": sample_seed(self.seed, self.epoch, i),
         }
         if "mlm" in self.views:
             mlm_ids, mlm_labels = mask_tokens(ids[None], mask[None], self.tokenizer, self.mlm_mask_ratio, g)
@@ -408,6 +431,9 @@ class TrainDataset(Dataset):
             word = _choice(words, g)
             item["phrase_ids"], item["phrase_mask"] = self._encode(phrase)
             item["word_ids"], item["word_mask"] = self._encode(word)
+        if level_images:  # drawn last, so the draws above are those of a run without this view
+            for key in LEVEL_IMAGE_KEYS:
+                item[key], item[_erase_key(key)] = self.transform.geometric(raw, g)
         return item
 
 
@@ -502,16 +528,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """
     if not items:
         raise ValueError("cannot collate an empty list of items")
-    rest = [{k: v for k, v in it.items() if k not in ("images", ERASE_KEY)} for it in items]
+    rest = [{k: v for k, v in it.items() if k not in IMAGE_KEYS and not k.startswith(ERASE_KEY)} for it in items]
     batch = default_collate(rest) if rest[0] else {}
-    if "images" in items[0]:
-        images = [it["images"] for it in items]
+    for key in IMAGE_KEYS:
+        if key not in items[0]:
+            continue
+        images = [it[key] for it in items]
         if images[0].dtype == torch.uint8:
             out = _batch_buffer((len(images), *images[0].shape))
-            batch["images"] = normalize_batch(images, [it.get(ERASE_KEY) for it in items], out)
+            batch[key] = normalize_batch(images, [it.get(_erase_key(key)) for it in items], out)
         else:
-            batch["images"] = default_collate(images)
-    return {k: batch[k] for k in items[0] if k != ERASE_KEY}  # keys in item order
+            batch[key] = default_collate(images)
+    return {k: batch[k] for k in items[0] if not k.startswith(ERASE_KEY)}  # keys in item order
 
 
 collate_train = collate

@@ -202,7 +202,12 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
 
 
 def random_keep(
-    batch: int, num_patches: int, keep: int, device: torch.device, generator: torch.Generator | None = None
+    batch: int,
+    num_patches: int,
+    keep: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A random subset of patches per image (MAE's per-sample shuffle).
 
@@ -212,12 +217,15 @@ def random_keep(
         keep: K patches kept per image.
         device: where the indices live.
         generator: a seeded generator for a fixed draw (on ``device``), or None.
+        noise: (B, N) uniform scores to rank the patches by, instead of drawing them (the
+            patches with the K lowest scores are kept).
 
     Returns:
         ``(keep_idx, dropped)``: (B, K) kept patch indices in increasing order, and (B, N)
         float 1 on dropped patches, 0 on kept ones.
     """
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device, generator=generator)
     keep_idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, K)
     dropped = torch.ones(batch, num_patches, device=device)
     dropped.scatter_(1, keep_idx, 0.0)

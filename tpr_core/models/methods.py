@@ -1,8 +1,14 @@
 """The four retrieval methods as modules, registered by name.
 
 Each module follows the interface of ``tpr_core.models``: ``encoder`` (the backbone) plus
-heads, ``forward(batch) -> dict``, ``loss_terms(outputs, batch) -> dict`` with exactly the
-terms of its spec (unweighted), ``encode_image`` and ``encode_text``.
+heads, ``forward(batch) -> dict``, ``loss_terms(outputs, batch, scope) -> dict`` with exactly
+the terms of its spec (unweighted), ``encode_image`` and ``encode_text``.
+
+``scope`` (:mod:`tpr_core.distributed`) is what the batch-level terms see: each method passes
+through it every tensor that a term compares across samples (global features, pids, EFA's
+tokens), so that N workers compute the terms of one process on the global batch; per-sample
+terms (ID, MLM, restoration) use the local rows, with ``scope.mean`` for token- or patch-level
+means.
 
 - ``irra``: dual encoder; SDM + identity + implicit relation reasoning (MLM).
 - ``fmfa``: as irra with adaptive SDM in place of SDM, plus explicit fine-grained alignment
@@ -22,6 +28,7 @@ from torch import Tensor, nn
 
 from tpr_core import losses
 from tpr_core.config import ExperimentConfig
+from tpr_core.distributed import LOCAL, BatchScope
 from tpr_core.models.dual_encoder import DualEncoder, build_dual_encoder, pool_eos
 from tpr_core.models.heads import (
     IRRHead,
@@ -47,6 +54,21 @@ def _get(batch: Batch, key: str, method: str, view: str | None = None) -> Tensor
         raise KeyError(
             f"method {method!r} needs batch key {key!r}{where}; the batch has {sorted(batch)}"
         ) from None
+
+
+def row_uniform(seeds: Tensor, n: int) -> Tensor:
+    """(B, n) uniform draws on the CPU, row ``i`` from a generator seeded by ``seeds[i]``."""
+    rows = []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        rows.append(torch.rand(n, generator=g))
+    return torch.stack(rows)
+
+
+def _mlm(outputs: dict[str, Tensor], scope: BatchScope) -> Tensor:
+    """MLM cross-entropy averaged over the masked tokens of the global batch."""
+    count = int((outputs["mlm_labels"] != -100).sum())
+    return scope.mean(losses.mlm(outputs["mlm_logits"], outputs["mlm_labels"]) * count, count)
 
 
 class _DualMethod(nn.Module):
@@ -105,14 +127,14 @@ class IRRA(_DualMethod):
         out["mlm_logits"], out["mlm_labels"] = self.irr(mlm_tokens, out["image_tokens"], labels)
         return out
 
-    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch, scope: BatchScope = LOCAL) -> dict[str, Tensor]:
         """``sdm``, ``id``, ``mlm`` (unweighted)."""
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
         return {
-            "sdm": losses.sdm(v, t, pids, temperature=self.temperature),
+            "sdm": losses.sdm(scope(v), scope(t), scope(pids), temperature=self.temperature),
             "id": losses.id_loss(self.classifier, v, t, pids),
-            "mlm": losses.mlm(outputs["mlm_logits"], outputs["mlm_labels"]),
+            "mlm": _mlm(outputs, scope),
         }
 
 
@@ -124,28 +146,36 @@ class FMFA(IRRA):
     def __init__(self, cfg: ExperimentConfig, num_classes: int, tokenizer: Any) -> None:
         super().__init__(cfg, num_classes, tokenizer)
         self.alpha = float(cfg.loss.a_sdm_alpha)
-        self.margin_text = float(cfg.loss.efa_margin_text)
-        self.margin_image = float(cfg.loss.efa_margin_image)
+        self.a_sdm_form = cfg.loss.a_sdm_form
+        self.efa_form = cfg.loss.efa_form
+        self.margin_text = cfg.loss.efa_margin_text  # None: the form's own margin
+        self.margin_image = cfg.loss.efa_margin_image
 
-    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch, scope: BatchScope = LOCAL) -> dict[str, Tensor]:
         """``a_sdm``, ``efa``, ``mlm``, ``id`` (unweighted).
 
         EFA aligns the patch tokens (class token left out: it is the global feature A-SDM
-        already aligns) with the caption tokens; the loss picks the word tokens from the mask.
+        already aligns) with the caption tokens; which text positions take part is the form's
+        choice (see ``losses.efa``). Its pair scores compare every pair of the global batch, so
+        the tokens are gathered like the global features.
         """
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
+        all_pids = scope(pids)
         return {
-            "a_sdm": losses.a_sdm(v, t, pids, temperature=self.temperature, alpha=self.alpha),
+            "a_sdm": losses.a_sdm(
+                scope(v), scope(t), all_pids, temperature=self.temperature, alpha=self.alpha, form=self.a_sdm_form
+            ),
             "efa": losses.efa(
-                outputs["image_tokens"][:, 1:],
-                outputs["text_tokens"],
-                _get(batch, "text_mask", self.name),
+                scope(outputs["image_tokens"][:, 1:]),
+                scope(outputs["text_tokens"]),
+                scope(_get(batch, "text_mask", self.name)),
                 margin_text=self.margin_text,
                 margin_image=self.margin_image,
-                pids=pids,
+                pids=all_pids,
+                form=self.efa_form,
             ),
-            "mlm": losses.mlm(outputs["mlm_logits"], outputs["mlm_labels"]),
+            "mlm": _mlm(outputs, scope),
             "id": losses.id_loss(self.classifier, v, t, pids),
         }
 
@@ -183,27 +213,32 @@ class UIT(_DualMethod):
         images = batch["images"]
         b, n = images.shape[0], self.encoder.num_patches
         keep = max(1, round(n * (1.0 - self.mask_ratio)))
-        gen = None
+        gen, noise = None, None
         if not self.training:
             gen = torch.Generator(device=images.device).manual_seed(0)
-        keep_idx, dropped = random_keep(b, n, keep, images.device, gen)
+        elif "sample_seed" in batch:
+            # Each sample's patches from its own seed: the same draw whatever the worker count.
+            noise = row_uniform(batch["sample_seed"], n).to(images.device)
+        keep_idx, dropped = random_keep(b, n, keep, images.device, gen, noise)
         visible = self.encoder.image_tokens(to_greyscale(images), keep=keep_idx)  # (B, 1 + K, E)
         out["restore_pred"] = self.restorer(visible, keep_idx, out["text_tokens"], batch["text_mask"])
         out["restore_target"] = patchify(images, self.encoder.patch_size)
         out["restore_mask"] = dropped
         return out
 
-    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch, scope: BatchScope = LOCAL) -> dict[str, Tensor]:
         """``sdm``, ``id``, ``triplet``, ``restore`` (unweighted)."""
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
+        gv, gt, gp = scope(v), scope(t), scope(pids)
+        dropped = int(outputs["restore_mask"].sum())
+        restore = losses.restore(outputs["restore_pred"], outputs["restore_target"], outputs["restore_mask"])
         return {
-            "sdm": losses.sdm(v, t, pids, temperature=self.temperature),
+            "sdm": losses.sdm(gv, gt, gp, temperature=self.temperature),
             "id": losses.id_loss(self.classifier, v, t, pids),
-            "triplet": losses.triplet(v, t, pids, margin=self.triplet_margin),
-            "restore": losses.restore(
-                outputs["restore_pred"], outputs["restore_target"], outputs["restore_mask"]
-            ),
+            "triplet": losses.triplet(gv, gt, gp, margin=self.triplet_margin),
+            # mean over the dropped patches of the global batch
+            "restore": scope.mean(restore * dropped, dropped),
         }
 
 
@@ -211,9 +246,16 @@ class IVT(nn.Module):
     """IVT (Shu et al. 2022): shared encoder, multi-level CMPM, bidirectional mask modelling.
 
     During training each forward draws a drop ratio uniformly in ``[0, loss.bmm_mask_ratio)``
-    for the image and one for the texts (the same for the three text levels), and drops
+    for the images and one for the texts (the same for the three levels), and drops
     that share of patch tokens and of word tokens (see ``shared_encoder``). Eval mode
-    drops nothing.
+    drops nothing. The ratios and the dropped tokens come from each rank's own RNG: with N
+    workers each rank draws its own ratio for its share of the batch, so BMM (alone of all
+    the methods' randomness) is the same in distribution but not draw for draw as one process.
+
+    Multi-level alignment (``loss.mla_form``): ``joint`` (IVT's code) pairs the sentence,
+    phrase and word embeddings each with its own augmented view of the image (batch view
+    ``level_images``) and computes one CMPM over the 3B rows; ``separate`` pairs all three
+    levels with the sentence's view and sums three CMPMs (the level views are then unused).
     """
 
     name = "ivt"
@@ -223,6 +265,8 @@ class IVT(nn.Module):
         self.encoder: SharedEncoder = build_shared_encoder(cfg.model, int(tokenizer.vocab_size))
         # IVT has no identity classifier: ``num_classes`` is accepted for the common builder signature.
         self.bmm_ratio = float(cfg.loss.bmm_mask_ratio)
+        self.mla_form = cfg.loss.mla_form
+        self.label_norm = cfg.loss.cmpm_label_norm
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, E) (no dropping)."""
@@ -241,9 +285,21 @@ class IVT(nn.Module):
         """Image features and text features at three levels.
 
         Returns:
-            ``image_feats``, ``text_feats`` (sentence), ``phrase_feats``, ``word_feats``, all (B, E).
+            ``image_feats``, ``text_feats`` (sentence), ``phrase_feats``, ``word_feats``, all (B, E);
+            with ``mla_form: joint`` also ``phrase_image_feats`` and ``word_image_feats`` (B, E),
+            the embeddings of the phrase and word levels' image views.
         """
-        image_feats = self.encoder.encode_image(_get(batch, "images", self.name), self._ratio())
+        images = _get(batch, "images", self.name)
+        b = images.shape[0]
+        out: dict[str, Tensor] = {}
+        if self.mla_form == "joint":
+            views = [images] + [_get(batch, k, self.name, "level_images") for k in ("phrase_images", "word_images")]
+            # One pass for the three views, one BMM draw for all (as the authors' concatenation).
+            image_feats, out["phrase_image_feats"], out["word_image_feats"] = self.encoder.encode_image(
+                torch.cat(views), self._ratio()
+            ).split(b)  # 3 x (B, E)
+        else:
+            image_feats = self.encoder.encode_image(images, self._ratio())
         levels = [
             ("text_ids", "text_mask", None),
             ("phrase_ids", "phrase_mask", "levels"),
@@ -251,26 +307,21 @@ class IVT(nn.Module):
         ]
         ids = [_get(batch, i, self.name, v) for i, _, v in levels]
         masks = [_get(batch, m, self.name, v) for _, m, v in levels]
-        b = ids[0].shape[0]
         # One pass for the three levels (they share length and encoder).
         feats = self.encoder.encode_text(torch.cat(ids), torch.cat(masks), self._ratio())  # (3B, E)
         text_feats, phrase_feats, word_feats = feats.split(b)
-        return {
-            "image_feats": image_feats,
-            "text_feats": text_feats,
-            "phrase_feats": phrase_feats,
-            "word_feats": word_feats,
-        }
+        out.update(image_feats=image_feats, text_feats=text_feats, phrase_feats=phrase_feats, word_feats=word_feats)
+        return out
 
-    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """``mla_sentence``, ``mla_phrase``, ``mla_word`` (unweighted CMPM per level)."""
-        pids = _get(batch, "pids", self.name)
-        v = outputs["image_feats"]
-        return {
-            "mla_sentence": losses.cmpm(v, outputs["text_feats"], pids),
-            "mla_phrase": losses.cmpm(v, outputs["phrase_feats"], pids),
-            "mla_word": losses.cmpm(v, outputs["word_feats"], pids),
-        }
+    def loss_terms(self, outputs: dict[str, Tensor], batch: Batch, scope: BatchScope = LOCAL) -> dict[str, Tensor]:
+        """``mla`` (unweighted): CMPM over the sentence, phrase and word levels (``loss.mla_form``)."""
+        pids = scope(_get(batch, "pids", self.name))
+        texts = [scope(outputs[k]) for k in ("text_feats", "phrase_feats", "word_feats")]
+        if self.mla_form == "joint":
+            images = [scope(outputs[k]) for k in ("image_feats", "phrase_image_feats", "word_image_feats")]
+        else:
+            images = [scope(outputs["image_feats"])] * 3
+        return {"mla": losses.mla(images, texts, pids, form=self.mla_form, label_norm=self.label_norm)}
 
 
 @register_method("irra")

@@ -39,16 +39,16 @@ class MethodSpec:
 
 # The recipes. Default weights follow the papers: IRRA (Jiang & Ye, CVPR 2023) weighs
 # sdm, id and mlm equally; FMFA keeps IRRA's terms with A-SDM in place of SDM and adds
-# EFA; UIT adds a hardest-negative triplet and text-guided restoration; IVT sums CMPM at
-# the sentence, phrase and word levels.
+# EFA; UIT adds a hardest-negative triplet and text-guided restoration; IVT aligns with CMPM
+# at the sentence, phrase and word levels (one term, ``mla``).
 _SPECS: dict[str, MethodSpec] = {
     "irra": MethodSpec("irra", {"sdm": 1.0, "id": 1.0, "mlm": 1.0}, ("mlm",)),
     "fmfa": MethodSpec("fmfa", {"a_sdm": 1.0, "efa": 1.0, "mlm": 1.0, "id": 1.0}, ("mlm",)),
     "uit": MethodSpec("uit", {"sdm": 1.0, "id": 1.0, "triplet": 1.0, "restore": 1.0}, ("text_aug",)),
     "ivt": MethodSpec(
         "ivt",
-        {"mla_sentence": 1.0, "mla_phrase": 1.0, "mla_word": 1.0},
-        ("levels",),
+        {"mla": 1.0},
+        ("levels", "level_images"),
         sampler="identity",
         encoder="shared",
     ),
