@@ -1,6 +1,6 @@
 """The worker's DeepSpeed engine set-up: ZeRO-3 in fp32 keeps no second fp32 copy of the weights,
-its optimizer step is still exactly AdamW's, and the CPU accelerator compiles no shared-memory
-op (real DeepSpeed, one gloo process)."""
+its optimizer step is still exactly AdamW's, ``optim.grad_clip: 0`` clips nothing, and the CPU
+accelerator compiles no shared-memory op (real DeepSpeed, one gloo process)."""
 
 import os
 import subprocess
@@ -55,6 +55,20 @@ SCRIPT = textwrap.dedent(
     print("DIFF_THEIRS", max((u - v).abs().max().item() for u, v in zip(a, b)))
     print("DIFF_PLAIN", max((u - v).abs().max().item() for u, v in zip(a, c)))
     print("MOVED", max((u - v).abs().max().item() for u, v in zip(a, [p.detach() for p in net().parameters()])))
+
+    # optim.grad_clip=0 means no clipping (DeepSpeed clips at 1.0 when its config has no value):
+    # one SGD step on a loss whose gradient norm is far above 1 equals plain SGD's step.
+    sgd_model, sgd_plain = net(), net()
+    eng = initialize_engine(sgd_model, torch.optim.SGD(sgd_model.parameters(), lr=1e-3), None, cfg, 4)
+    eng.backward(((eng(x) - y) ** 2).mean() * 1000)
+    eng.step()
+    ((sgd_plain(x) - y) ** 2).mean().mul(1000).backward()
+    print("GRADNORM", torch.nn.utils.get_total_norm([p.grad for p in sgd_plain.parameters()]).item())
+    torch.optim.SGD(sgd_plain.parameters(), lr=1e-3).step()
+    print("CLIP", eng.gradient_clipping())
+    print("DIFF_SGD", max((u - v).abs().max().item() for u, v in zip(weights(eng), [p.detach() for p in sgd_plain.parameters()])))
+    clipped = load_config("pipelines/configs/irra_synthetic_tiny.yaml", ["distributed.num_workers=1", "optim.grad_clip=0.5"])
+    print("CONF", ds_config(cfg, 4)["gradient_clipping"], ds_config(clipped, 4)["gradient_clipping"])
     """
 )
 
@@ -79,3 +93,7 @@ def test_zero3_fp32_shares_master_partitions_and_steps_like_adamw(tmp_path):
     assert value("DIFF_THEIRS") == 0.0, out[-2000:]  # the workaround changes no arithmetic
     assert value("MOVED") > 1e-3  # three steps at lr 1e-3 really moved the weights
     assert value("DIFF_PLAIN") < 1e-5, out[-2000:]  # and they are AdamW's (Adam magnifies fp32 noise)
+    # grad_clip 0: the engine's clipping value is 0 and a gradient of norm >> 1 is applied whole
+    assert value("CLIP") == 0.0 and value("GRADNORM") > 10.0, out[-2000:]
+    assert value("DIFF_SGD") < 1e-6, out[-2000:]
+    assert "CONF 0.0 0.5" in r.stdout, out[-2000:]

@@ -231,3 +231,49 @@ def test_bad_input_fails_before_ray(synth_data, tmp_path):
     with pytest.raises(ConfigError, match="model.pretrained"):
         train(_cfg("irra", synth_data, model__pretrained=str(tmp_path)), runs_dir=tmp_path, name="x")
     assert not (tmp_path / "ray").exists()  # nothing was started
+
+
+def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_path):
+    """Through the real loop (Ray Train, DeepSpeed ZeRO-2 over gloo): from the same initial weights,
+    the first optimizer step of 2 workers (32 samples each, the batch-level terms on the gathered 64)
+    moves every weight as 1 worker on the same 64 samples does.
+
+    SGD without momentum, so the update is the gradient times the learning rate and nothing
+    magnifies rounding (Adam's first step is about lr x sign(g), which turns float noise in a
+    near-zero gradient into a full-size difference). The two runs sum the same products in
+    different orders (two halves all-reduced over gloo against one pass), so they agree to float32
+    rounding of the gradient: measured 4e-7 against a largest update of 0.76, inside atol = 1e-5 x
+    the largest update (rtol 1e-3). That the same comparison fails with ``loss.gather=local`` is
+    shown for every method in ``tests/tpr_core/test_global_batch.py`` (a third training here would
+    cost another minute of the suite).
+    """
+    from safetensors.torch import load_file
+
+    from pipelines.train import train
+    from pipelines.worker import _seed_all
+    from tpr_core.data.dataset import load_split, train_identity_count
+    from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.models import build_method
+
+    over = dict(
+        train__epochs=1, train__max_steps_per_epoch=1, train__eval_every=1, train__checkpoint_every=1,
+        distributed__zero_stage=2, optim__name="sgd", optim__momentum=0.0, optim__lr=0.5,
+        optim__weight_decay=0.0,
+    )
+
+    def update(name: str, **extra: object) -> dict[str, torch.Tensor]:
+        cfg = _cfg("fmfa", synth_data, **over, **extra)
+        m = train(cfg, runs_dir=tmp_path, name=name)
+        after = load_file(Path(m["model_dir"]) / "model.safetensors")
+        tok = Tokenizer.load(tmp_path / "tokenizers" / name)
+        _seed_all(cfg.train.seed)  # as every worker does before building the model
+        init = build_method(cfg, train_identity_count(load_split(cfg.data.root, "train")), tok).state_dict()
+        return {k: after[k] - init[k] for k in init}
+
+    two, one = update("step2", distributed__num_workers=2), update("step1", distributed__num_workers=1)
+    scale = max(float(d.abs().max()) for d in one.values())
+    worst = max(float((two[k] - one[k]).abs().max()) for k in one)
+    print(f"\nfirst step: largest update {scale:.3e}, largest 2-vs-1-worker difference {worst:.3e}")
+    assert scale > 1e-4  # the step moved the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5 * scale, msg=k)
