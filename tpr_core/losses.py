@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tpr_core.distributed import BatchScope
+
 __all__ = ["a_sdm", "cmpm", "efa", "id_loss", "mla", "mlm", "restore", "sdm", "triplet"]
 
 
@@ -316,10 +318,14 @@ def _lse_hinge(scores: Tensor, margin: float, negatives: Tensor) -> Tensor:
     return row.mean() + col.mean()
 
 
+def _no_gather(t: Tensor) -> Tensor:
+    return t
+
+
 def _lse_pool_best_match(
     queries: Tensor, query_mask: Tensor, joint: Tensor, joint_mask: Tensor, tau: float
 ) -> Tensor:
-    """Pair scores between every query set a and every joint set b; (B, B).
+    """Pair scores between every query set a and every joint set b; (A, B) for A query sets.
 
     For each query token of set a, the best-matching joint embedding of set b ("hard coding":
     max over b's valid joint embeddings), then log-sum-exp pooling over a's valid tokens:
@@ -373,6 +379,7 @@ def efa(
     exclude_special: bool = True,
     eps: float = 1e-8,
     form: str = "code",
+    scope: BatchScope | None = None,
 ) -> Tensor:
     """Explicit fine-grained alignment (FMFA, EFA), paper or authors' code form.
 
@@ -477,6 +484,11 @@ def efa(
             form only).
         eps: guards the min-max and row-sum divisions.
         form: ``"code"`` (default, the authors' code) or ``"paper"``.
+        scope: with a ``tpr_core.distributed`` scope, the token inputs and ``pids`` are this
+            rank's rows and the loss is that of the global batch: each rank pools its own query
+            sets against the gathered joint embeddings, and the (B, B) score matrices are
+            gathered by rows (each rank then holds what one process computes, at 1/world of
+            the pair-scoring cost). None: the inputs are the whole batch.
 
     Returns:
         Scalar loss.
@@ -501,40 +513,46 @@ def efa(
     if pids is not None and pids.shape != (b,):
         raise ValueError(f"efa: pids must be ({b},), got {tuple(pids.shape)}")
 
+    # With a scope, the inputs are this rank's rows: each rank scores its own query sets against
+    # the gathered joint embeddings of the global batch, and the (B, B) score matrices are
+    # gathered by rows, so every rank holds what one process computes at 1/world of the cost.
+    gather = scope if scope is not None else _no_gather
     if form == "code":
         _word_token_mask(text_mask, exclude_special=False)  # validation only: every row has a token
         m_text = 0.1 if margin_text is None else margin_text
         m_image = 0.9 if margin_image is None else margin_image
         temp = 1.0 if pool_temperature is None else pool_temperature
-        raw_patches = image_tokens.float()  # (B, N, D)
-        raw_tokens = text_tokens.float()  # (B, L, D), every position
+        raw_patches = image_tokens.float()  # (b, N, D)
+        raw_tokens = text_tokens.float()  # (b, L, D), every position
         weights = _sparse_token_patch_weights(raw_tokens @ raw_patches.transpose(1, 2), eps)
-        joint = weights @ raw_patches  # (B, L, D), un-normalised
-        s_text = _efa_code_scores(raw_tokens, joint, temp)
-        s_image = _efa_code_scores(raw_patches, joint, temp)
+        joint = gather(weights @ raw_patches)  # (B, L, D), un-normalised
+        s_text = gather(_efa_code_scores(raw_tokens, joint, temp))  # (B, B)
+        s_image = gather(_efa_code_scores(raw_patches, joint, temp))  # (B, B)
         return _efa_code_hinge(s_text, m_text) + _efa_code_hinge(s_image, m_image)
 
     margin_text = 0.1 if margin_text is None else margin_text
     margin_image = 0.1 if margin_image is None else margin_image
     pool_temperature = 0.1 if pool_temperature is None else pool_temperature
-    words = _word_token_mask(text_mask, exclude_special)  # (B, L)
+    words = _word_token_mask(text_mask, exclude_special)  # (b, L)
+    all_words = gather(words.to(torch.uint8)).bool()  # (B, L)
     # Captions are padded to the context length (77 for CLIP); the (B, B, N, L) similarity
-    # tensors below only need the columns some caption uses.
-    span = int(words.any(dim=0).nonzero().max()) + 1
-    words = words[:, :span]
-    patches = F.normalize(image_tokens.float(), dim=-1)  # (B, N, D)
-    tokens = F.normalize(text_tokens[:, :span].float(), dim=-1)  # (B, L', D)
-    patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)  # (B, N)
+    # tensors below only need the columns some caption of the global batch uses.
+    span = int(all_words.any(dim=0).nonzero().max()) + 1
+    words, all_words = words[:, :span], all_words[:, :span]
+    patches = F.normalize(image_tokens.float(), dim=-1)  # (b, N, D)
+    tokens = F.normalize(text_tokens[:, :span].float(), dim=-1)  # (b, L', D)
+    patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)  # (b, N)
 
-    weights = _sparse_token_patch_weights(tokens @ patches.transpose(1, 2), eps)  # (B, L, N)
-    joint = F.normalize(weights @ patches, dim=-1)  # (B, L, D) one joint embedding per text token
+    weights = _sparse_token_patch_weights(tokens @ patches.transpose(1, 2), eps)  # (b, L, N)
+    # (B, L, D) one joint embedding per text token, of every pair of the global batch
+    joint = gather(F.normalize(weights @ patches, dim=-1))
 
-    s_text = _lse_pool_best_match(tokens, words, joint, words, pool_temperature)  # (B, B)
-    s_image = _lse_pool_best_match(patches, patch_mask, joint, words, pool_temperature)  # (B, B)
+    s_text = gather(_lse_pool_best_match(tokens, words, joint, all_words, pool_temperature))  # (B, B)
+    s_image = gather(_lse_pool_best_match(patches, patch_mask, joint, all_words, pool_temperature))  # (B, B)
 
-    negatives = ~torch.eye(b, dtype=torch.bool, device=patches.device)
+    negatives = ~torch.eye(s_text.shape[0], dtype=torch.bool, device=patches.device)
     if pids is not None:
-        negatives = negatives & ~_same_pid(pids)
+        negatives = negatives & ~_same_pid(gather(pids))
     return _lse_hinge(s_text, margin_text, negatives) + _lse_hinge(s_image, margin_image, negatives)
 
 

@@ -78,6 +78,7 @@ def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
         "metrics.json",
     }
     resolved = load_config(model / "config.yaml")
+    assert (model / "config.yaml").read_text().startswith("# derived: 32 samples per worker")
     assert resolved.method == "irra" and resolved.distributed.zero_stage == 2
     assert json.loads((model / "metrics.json").read_text())["test/R1"] == pytest.approx(m["test/R1"])
 
@@ -91,6 +92,9 @@ def _check_z2_run(client, cfg, m):
     run = runs[0]
     assert run.info.run_id == m["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.params["loss.weights.sdm"] == "1.0" and run.data.params["distributed.zero_stage"] == "2"
+    # the global batch of 64 the losses compare, and each of the 2 workers' share of it
+    assert run.data.params["loss.gather"] == "global" and run.data.params["data.batch_size"] == "64"
+    assert run.data.params["derived.batch_size_per_worker"] == "32" and run.data.params["derived.loss_batch"] == "64"
     assert run.data.tags["method"] == "irra" and run.data.tags["dataset_manifest_hash"].startswith("sha256:")
     for key in (
         "train/loss",

@@ -1,7 +1,7 @@
 """The batch-level loss terms see the global batch: N ranks compute what one process computes.
 
 Real processes: the ranks are spawned Python processes in a gloo process group. For every
-method, one process runs the global batch of 16; 2 ranks (and, for FMFA, 4 ranks) run their
+method (and the other form of each loss switch), one process runs the global batch of 16; 2 ranks (and, for FMFA, 4 ranks) run their
 blocks of it with ``GlobalBatch``. Every loss term and the total, averaged over the ranks (as
 the training loop logs them), must agree with the single process at rtol 1e-5, and every
 parameter's gradient, averaged over the ranks (as DeepSpeed's data-parallel reduction does),
@@ -29,11 +29,18 @@ B = 16
 # Identities that repeat inside a block and across the blocks of 2 and 4 ranks, in an order
 # where a row's first positive is not always its own pair (A-SDM's code form reads it).
 PIDS = torch.tensor([3, 0, 5, 3, 1, 6, 0, 2, 4, 5, 7, 1, 2, 6, 7, 4])
-CONFIG = {"loss": {"bmm_mask_ratio": 0.0}}  # IVT's BMM draws per rank (see methods.IVT)
+LOSS = {"bmm_mask_ratio": 0.0}  # IVT's BMM draws per rank (see methods.IVT)
+# Every method with its default forms, and the other form of each switch.
+CASES = {
+    **{m: (m, {}) for m in known_methods()},
+    "fmfa-paper": ("fmfa", {"a_sdm_form": "paper", "efa_form": "paper"}),
+    "ivt-separate-l2": ("ivt", {"mla_form": "separate", "cmpm_label_norm": "l2"}),
+}
 
 
-def _model(method: str):
-    cfg = ExperimentConfig.model_validate({**_cfg(method).model_dump(), "loss": CONFIG["loss"]})
+def _model(case: str):
+    method, loss = CASES[case]
+    cfg = ExperimentConfig.model_validate({**_cfg(method).model_dump(), "loss": {**LOSS, **loss}})
     torch.manual_seed(1)
     model = build_method(cfg, num_classes=int(PIDS.max()) + 1, vocab=Tok())
     model.train()
@@ -47,9 +54,9 @@ def _global_batch() -> dict[str, torch.Tensor]:
     return batch
 
 
-def _run(method: str, batch, scope) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def _run(case: str, batch, scope) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Forward, terms, backward on ``batch``: the terms (and total) and every parameter's grad."""
-    cfg, model = _model(method)
+    cfg, model = _model(case)
     terms = model.loss_terms(model(batch), batch, scope)
     total = sum(cfg.loss.weights[k] * v for k, v in terms.items())
     total.backward()
@@ -112,7 +119,7 @@ def _grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rt
 @pytest.fixture(scope="module")
 def reference() -> dict[str, tuple[dict[str, float], dict[str, torch.Tensor]]]:
     torch.set_num_threads(1)
-    return {m: _run(m, _global_batch(), LOCAL) for m in known_methods()}
+    return {c: _run(c, _global_batch(), LOCAL) for c in CASES}
 
 
 def _check(results: dict, reference: dict, methods: list[str]) -> None:
@@ -130,8 +137,8 @@ def _check(results: dict, reference: dict, methods: list[str]) -> None:
 
 
 def test_two_ranks_equal_one_process(reference, tmp_path) -> None:
-    methods = known_methods()
-    _check(_spawn(2, methods, tmp_path), reference, methods)
+    cases = list(CASES)
+    _check(_spawn(2, cases, tmp_path), reference, cases)
 
 
 def test_four_ranks_equal_one_process(reference, tmp_path) -> None:

@@ -156,8 +156,8 @@ class FMFA(IRRA):
 
         EFA aligns the patch tokens (class token left out: it is the global feature A-SDM
         already aligns) with the caption tokens; which text positions take part is the form's
-        choice (see ``losses.efa``). Its pair scores compare every pair of the global batch, so
-        the tokens are gathered like the global features.
+        choice (see ``losses.efa``). Its pair scores compare every pair of the global batch:
+        ``losses.efa`` gathers the joint embeddings and the score rows through ``scope``.
         """
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
@@ -167,13 +167,14 @@ class FMFA(IRRA):
                 scope(v), scope(t), all_pids, temperature=self.temperature, alpha=self.alpha, form=self.a_sdm_form
             ),
             "efa": losses.efa(
-                scope(outputs["image_tokens"][:, 1:]),
-                scope(outputs["text_tokens"]),
-                scope(_get(batch, "text_mask", self.name)),
+                outputs["image_tokens"][:, 1:],
+                outputs["text_tokens"],
+                _get(batch, "text_mask", self.name),
                 margin_text=self.margin_text,
                 margin_image=self.margin_image,
-                pids=all_pids,
+                pids=pids,
                 form=self.efa_form,
+                scope=scope,  # gathers the joint embeddings and the pair-score rows itself
             ),
             "mlm": _mlm(outputs, scope),
             "id": losses.id_loss(self.classifier, v, t, pids),

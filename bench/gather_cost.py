@@ -1,0 +1,223 @@
+"""What the global batch costs: seconds per training step with ``loss.gather=global`` against
+``local``, 2 workers, tiny preset, CPU; and the bytes each rank sends per step at base size.
+
+Two processes in a gloo group (as two Ray Train workers), each with two real DeepSpeed
+engines (the worker's ``initialize_engine``, ZeRO-2, fp32) over the same initial weights: one
+whose batch-level terms see the gathered global batch, one that sees its own share. Both train
+on the same pre-collated batches (the global batch of ``--batch-size`` split in two), built once
+from the synthetic data, so data loading is excluded. After warm-up steps the two are timed in
+alternating rounds (global/local, local/global, ...), every step started together on both ranks
+(a barrier), so that drifting load hits both alike. Printed: the median seconds per step of
+each and their ratio (aim: the gather costs at most 10% of a step, ratio <= 1.10).
+
+The byte count runs one forward of each method's base preset (the shipped ``*_cuhk_base.yaml``
+sizes) with a scope that records what ``loss_terms`` gathers, and scales it to a rank's share of
+the config's global batch at ``--bytes-workers`` workers: the all-gather sends each rank's rows
+to the others (ring: (N - 1) x its share), and the backward returns the gradient of the gathered
+floats (NCCL reduce-scatter: (N - 1) x its share; gloo all-reduces the whole gathered gradient,
+about twice that).
+
+    DS_ACCELERATOR=cpu python bench/gather_cost.py --method fmfa --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _overhead_module() -> Any:
+    """bench/train_overhead.py's data helpers (synthetic data, collated batches)."""
+    spec = importlib.util.spec_from_file_location("_train_overhead", REPO / "bench" / "train_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _rank(rank: int, port: int, cfg_json: dict, tok_dir: str, batches_path: str, num_classes: int,
+          args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipelines.worker import _seed_all, _Wrapped, initialize_engine
+    from tpr_core.config import ExperimentConfig
+    from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.distributed import batch_scope
+    from tpr_core.models import build_method, method_spec
+    from tpr_core.optim import build_optimizer, build_scheduler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    tok = Tokenizer.load(tok_dir)
+    batches = torch.load(batches_path, weights_only=True)
+    micro = cfg.data.batch_size // 2
+    mine = [{k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()} for b in batches]
+    terms = list(method_spec(cfg.method).terms)
+    engines = {}
+    for mode in ("global", "local"):
+        _seed_all(cfg.train.seed)
+        method = build_method(cfg, num_classes, tok)
+        opt = build_optimizer(method, cfg.optim)
+        sched = build_scheduler(opt, cfg.optim, len(batches), cfg.train.epochs)
+        engines[mode] = initialize_engine(_Wrapped(method, batch_scope(mode)), opt, sched, cfg, micro)
+
+    def step(mode: str, i: int) -> float:
+        e = engines[mode]
+        dist.barrier()
+        t0 = time.perf_counter()
+        out_terms = e(mine[i % len(mine)])
+        total = sum(cfg.loss.weights[k] * out_terms[k] for k in terms)
+        e.backward(total)
+        e.step()
+        float(total.detach())
+        return time.perf_counter() - t0
+
+    for i in range(args.warmup):
+        for mode in ("global", "local"):
+            step(mode, i)
+    times: dict[str, list[float]] = {"global": [], "local": []}
+    i = 0
+    for r in range(args.rounds):
+        order = ("global", "local") if r % 2 == 0 else ("local", "global")
+        for mode in order:
+            for _ in range(args.steps):
+                times[mode].append(step(mode, i))
+                i += 1
+    if rank == 0:
+        torch.save({k: torch.tensor(v) for k, v in times.items()}, out)
+    dist.destroy_process_group()
+
+
+class _Recorder:
+    """A scope that gathers nothing and records the per-row bytes of what it is given."""
+
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.float_bytes = 0
+        self.int_bytes = 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        per_row = t[0].numel() * t.element_size()
+        if t.is_floating_point():
+            self.float_bytes += per_row
+        else:
+            self.int_bytes += per_row
+        return t
+
+    def mean(self, total: torch.Tensor, count: Any) -> torch.Tensor:
+        return total / max(int(count), 1)
+
+
+def _base_bytes(method: str, workers: int) -> tuple[int, int, int, int]:
+    """(global batch, float bytes per row, int bytes per row, rows per rank) at base size."""
+    from tpr_core.config import load_config
+    from tpr_core.models import build_method
+
+    cfg = load_config(REPO / "pipelines" / "configs" / f"{method}_cuhk_base.yaml",
+                      ["model.pretrained=null", "distributed.num_workers=1"])
+
+    class Tok:
+        vocab_size, pad_id, bos_id, eos_id, mask_id = 49409, 0, 1, 2, 49408
+
+    model = build_method(cfg, 10, Tok())
+    model.train()
+    h, w = cfg.model.image_size
+    n, length = 2, cfg.model.text_length
+    ids = torch.randint(3, 1000, (n, length))
+    ids[:, 0], ids[:, -1] = 1, 2
+    mask = torch.ones(n, length, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    batch = {"images": torch.randn(n, 3, h, w), "text_ids": ids, "text_mask": mask, "pids": torch.arange(n),
+             "mlm_ids": ids, "mlm_labels": labels, "phrase_ids": ids, "phrase_mask": mask, "word_ids": ids,
+             "word_mask": mask, "phrase_images": torch.randn(n, 3, h, w), "word_images": torch.randn(n, 3, h, w),
+             "sample_seed": torch.arange(n)}
+    rec = _Recorder()
+    with torch.no_grad():
+        model.loss_terms(model(batch), batch, rec)
+    g = cfg.data.batch_size // cfg.distributed.grad_accum
+    return g, rec.float_bytes, rec.int_bytes, g // workers
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch.multiprocessing as mp
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="fmfa", help="registered method (its *_synthetic_tiny.yaml)")
+    parser.add_argument("--identities", type=int, default=60)
+    parser.add_argument("--images-per-identity", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (2 workers x half)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps of each per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--bytes-workers", type=int, default=8)
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-bytes", action="store_true")
+    args = parser.parse_args(argv)
+
+    ov = _overhead_module()
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f}; {args.threads} torch thread(s) per worker")
+    if not args.skip_timing:
+        with tempfile.TemporaryDirectory(prefix="tpr-bench-gather-") as tmpdir:
+            tmp = Path(tmpdir)
+            raw, root = ov.make_data(tmp, args.identities, args.images_per_identity, (96, 32))
+            cfg = ov.bench_config(args.method, raw, root, args)
+            from tpr_core.data.dataset import load_split
+            from tpr_core.data.tokenizer import Tokenizer
+
+            train = load_split(root, "train")
+            tok = Tokenizer.train([train.caption(i) for i in range(len(train))], vocab_size=4096,
+                                  max_length=cfg.model.text_length)
+            tok.save(tmp / "tok")
+            batches, num_classes = ov.build_batches(cfg, tok, args.batches)
+            torch.save(batches, tmp / "batches.pt")
+            two = cfg.model_copy(deep=True)
+            two.distributed.num_workers = 2
+            two.distributed.zero_stage = 2
+            out = tmp / "times.pt"
+            mp.spawn(_rank, args=(ov._free_port(), two.model_dump(mode="json"), str(tmp / "tok"),
+                                  str(tmp / "batches.pt"), num_classes, args, str(out)), nprocs=2, join=True)
+            times = torch.load(out, weights_only=True)
+        g, lo = statistics.median(times["global"].tolist()), statistics.median(times["local"].tolist())
+        print(f"\n{args.method} tiny, 2 workers x {args.batch_size // 2}, ZeRO-2, CPU; "
+              f"{len(times['global'])} timed steps of each, alternating")
+        print(f"  loss.gather=global  {g:.4f} s/step (median)")
+        print(f"  loss.gather=local   {lo:.4f} s/step (median)")
+        print(f"  ratio global / local: {g / lo:.3f}x (aim <= 1.10x)")
+
+    if args.skip_bytes:
+        return
+    n = args.bytes_workers
+    print(f"\nbytes each rank sends per step for the gathered terms, base preset, fp32, {n} workers:")
+    print(f"{'method':8}{'global batch':>14}{'rows/rank':>11}{'float B/row':>13}{'gather':>12}{'backward':>12}")
+    for method in ("irra", "fmfa", "uit", "ivt"):
+        g_batch, fb, ib, rows = _base_bytes(method, n)
+        gather = (n - 1) * rows * (fb + ib)
+        backward = (n - 1) * rows * fb
+        print(f"{method:8}{g_batch:14d}{rows:11d}{fb:13d}{gather / 2**20:10.2f}MiB{backward / 2**20:10.2f}MiB")
+    print("(bf16 halves the float part; the backward column is NCCL's reduce-scatter, gloo sends about twice it)")
+
+
+if __name__ == "__main__":
+    main()
