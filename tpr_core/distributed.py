@@ -76,6 +76,20 @@ class BatchScope:
         """``t`` as the loss terms should see it (local rows, or every rank's)."""
         raise NotImplementedError
 
+    def many(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Several tensors of one dtype with the same rows, as ``self(t)`` each, in one
+        collective (their rows are concatenated, gathered once and split again)."""
+        if self.world_size == 1 or len(tensors) == 1:
+            return tuple(self(t) for t in tensors)
+        flat = torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+        gathered = self(flat)
+        out, start = [], 0
+        for t in tensors:
+            width = t[0].numel()
+            out.append(gathered[:, start : start + width].reshape(-1, *t.shape[1:]))
+            start += width
+        return tuple(out)
+
     def mean(self, total: Tensor, count: Tensor | int) -> Tensor:
         """This rank's share of a mean whose numerator ``total`` is a sum over local items and
         ``count`` the number of local items."""

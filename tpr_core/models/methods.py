@@ -132,7 +132,7 @@ class IRRA(_DualMethod):
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
         return {
-            "sdm": losses.sdm(scope(v), scope(t), scope(pids), temperature=self.temperature),
+            "sdm": losses.sdm(*scope.many(v, t), scope(pids), temperature=self.temperature),
             "id": losses.id_loss(self.classifier, v, t, pids),
             "mlm": _mlm(outputs, scope),
         }
@@ -161,10 +161,9 @@ class FMFA(IRRA):
         """
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
-        all_pids = scope(pids)
         return {
             "a_sdm": losses.a_sdm(
-                scope(v), scope(t), all_pids, temperature=self.temperature, alpha=self.alpha, form=self.a_sdm_form
+                *scope.many(v, t), scope(pids), temperature=self.temperature, alpha=self.alpha, form=self.a_sdm_form
             ),
             "efa": losses.efa(
                 outputs["image_tokens"][:, 1:],
@@ -231,7 +230,7 @@ class UIT(_DualMethod):
         """``sdm``, ``id``, ``triplet``, ``restore`` (unweighted)."""
         pids = _get(batch, "pids", self.name)
         v, t = outputs["image_feats"], outputs["text_feats"]
-        gv, gt, gp = scope(v), scope(t), scope(pids)
+        (gv, gt), gp = scope.many(v, t), scope(pids)
         dropped = int(outputs["restore_mask"].sum())
         restore = losses.restore(outputs["restore_pred"], outputs["restore_target"], outputs["restore_mask"])
         return {
@@ -317,11 +316,12 @@ class IVT(nn.Module):
     def loss_terms(self, outputs: dict[str, Tensor], batch: Batch, scope: BatchScope = LOCAL) -> dict[str, Tensor]:
         """``mla`` (unweighted): CMPM over the sentence, phrase and word levels (``loss.mla_form``)."""
         pids = scope(_get(batch, "pids", self.name))
-        texts = [scope(outputs[k]) for k in ("text_feats", "phrase_feats", "word_feats")]
-        if self.mla_form == "joint":
-            images = [scope(outputs[k]) for k in ("image_feats", "phrase_image_feats", "word_image_feats")]
-        else:
-            images = [scope(outputs["image_feats"])] * 3
+        text_keys = ("text_feats", "phrase_feats", "word_feats")
+        image_keys = ("image_feats", "phrase_image_feats", "word_image_feats") if self.mla_form == "joint" else ("image_feats",)
+        gathered = scope.many(*(outputs[k] for k in text_keys + image_keys))
+        texts, images = list(gathered[:3]), list(gathered[3:])
+        if len(images) == 1:  # separate: every level against the sentence's image view
+            images = images * 3
         return {"mla": losses.mla(images, texts, pids, form=self.mla_form, label_norm=self.label_norm)}
 
 
