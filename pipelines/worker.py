@@ -321,7 +321,13 @@ def train_loop(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (``train_loop_config`` is ``config``)."""
     import ray.train
 
-    from tpr_core.data.dataset import IMAGE_KEYS, TrainDataset, load_split, make_train_loader, train_identity_count
+    from tpr_core.data.dataset import (
+        IMAGE_KEYS,
+        TrainDataset,
+        load_split,
+        make_train_loader,
+        train_identity_count,
+    )
     from tpr_core.data.samplers import build_batch_sampler
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.models import build_method, method_spec

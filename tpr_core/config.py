@@ -30,11 +30,41 @@ class ModelConfig(_Strict):
 
     preset: Literal["tiny", "base"] = Field("tiny", description="Encoder size preset.")
     pretrained: str | None = Field(
-        None, description="Local Hugging Face CLIP directory to initialise the dual encoder from."
+        None,
+        description=(
+            "Local weights to start from, nothing downloaded. irra/fmfa/uit: a Hugging Face CLIP directory "
+            "(the dual encoder). ivt: a timm ViT checkpoint, a .safetensors file or a folder holding "
+            "model.safetensors (timm's Hugging Face layout, e.g. vit_base_patch16_224); it gives the patch "
+            "embedding, class token, positions (resized bilinearly to the patch grid), attention, norms and "
+            "the image FFNs of the shared encoder."
+        ),
+    )
+    pretrained_text: str | None = Field(
+        None,
+        description=(
+            "ivt only: a local Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, "
+            "vocab.txt; e.g. bert-base-uncased) giving the text embedding (word, position, token type, "
+            "layernorm) and the text FFNs; the run's tokenizer must be that folder's WordPiece vocabulary."
+        ),
     )
     image_size: tuple[int, int] = Field((384, 128), description="Input image (height, width).")
-    patch_size: int = Field(16, ge=2, le=64, description="ViT patch size in pixels.")
+    patch_size: int = Field(16, ge=2, le=64, description="ViT patch size (the patch embedding's kernel) in pixels.")
+    patch_stride: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "ivt only: stride of the patch embedding, at most patch_size; null: patch_size (no overlap). "
+            "IVT: 12 on CUHK-PEDES and ICFG-PEDES (a 31 x 10 grid at 384 x 128), 16 on RSTPReid."
+        ),
+    )
     text_length: int = Field(77, ge=8, le=512, description="Max caption length in tokens.")
+    drop_path: float = Field(
+        0.0, ge=0.0, lt=1.0, description="ivt only: stochastic depth of the last block, linear from 0 (IVT: 0.1)."
+    )
+    text_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="ivt only: dropout after the text embedding (IVT: BERT's 0.1)."
+    )
     embed_dim: int | None = Field(
         None, ge=8, description="Joint embedding size; None takes the preset's (512 for base)."
     )
@@ -56,6 +86,10 @@ class ModelConfig(_Strict):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
                 f"model.image_size {self.image_size} must be divisible by model.patch_size {self.patch_size}"
+            )
+        if self.patch_stride is not None and self.patch_stride > self.patch_size:
+            raise ValueError(
+                f"model.patch_stride {self.patch_stride} must be at most model.patch_size {self.patch_size}"
             )
         return self
 
@@ -346,8 +380,16 @@ class ExperimentConfig(_Strict):
                 f"train.checkpoint_every {self.train.checkpoint_every} and train.eval_every "
                 f"{self.train.eval_every} must divide one another"
             )
-        if self.model.pretrained is not None and self.method == "ivt":
-            raise ValueError("model.pretrained is for the dual (CLIP) encoder; method 'ivt' uses the shared encoder")
+        m = self.model
+        ivt_only = {
+            "pretrained_text": m.pretrained_text is not None,
+            "patch_stride": m.patch_stride not in (None, m.patch_size),
+            "drop_path": m.drop_path > 0,
+            "text_dropout": m.text_dropout > 0,
+        }
+        misplaced = [k for k, used in ivt_only.items() if used] if self.method != "ivt" else []
+        if misplaced:
+            raise ValueError(f"model.{misplaced[0]} applies to method 'ivt' (the shared encoder) only")
         return self
 
 

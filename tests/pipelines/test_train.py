@@ -239,8 +239,9 @@ def test_bad_input_fails_before_ray(synth_data, tmp_path):
 
 def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_path):
     """Through the real loop (Ray Train, DeepSpeed ZeRO-2 over gloo): from the same initial weights,
-    the first optimizer step of 2 workers (32 samples each, the batch-level terms on the gathered 64)
-    moves every weight as 1 worker on the same 64 samples does.
+    the first optimizer step of 2 workers moves every weight as 1 worker on the same 64 samples does.
+    Both accumulate two micro-batches (grad_accum 2): each global micro-batch of 32 is 2 x 16 rows
+    gathered for the batch-level terms on 2 workers, one block of 32 on 1 worker.
 
     SGD without momentum, so the update is the gradient times the learning rate and nothing
     magnifies rounding (Adam's first step is about lr x sign(g), which turns float noise in a
@@ -261,8 +262,8 @@ def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_
 
     over = dict(
         train__epochs=1, train__max_steps_per_epoch=1, train__eval_every=1, train__checkpoint_every=1,
-        distributed__zero_stage=2, optim__name="sgd", optim__momentum=0.0, optim__lr=0.5,
-        optim__weight_decay=0.0,
+        distributed__zero_stage=2, distributed__grad_accum=2, optim__name="sgd", optim__momentum=0.0,
+        optim__lr=0.5, optim__weight_decay=0.0,
     )
 
     def update(name: str, **extra: object) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ References:
     IRRA: Jiang & Ye, "Cross-Modal Implicit Relation Reasoning and Aligning for Text-to-Image
         Person Retrieval", CVPR 2023 (implicit relation reasoning, identity loss).
     UIT: Liu et al., "Text-guided Image Restoration and Semantic Enhancement for Text-to-Image
-        Person Retrieval", arXiv 2307.09059 (greyscale masked image, restored with the caption).
+        Person Retrieval", arXiv 2307.09059 (greyscale masked image, restored with the caption);
+        code released as SEN (github.com/Delong-liu-bupt/SEN, ``model/build.py``).
     MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (random
         patch keep, mask token, fixed 2-D sin-cos positions in the decoder).
 """
@@ -22,6 +23,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoder
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "GREY_WEIGHTS",
     "IRRHead",
     "RestorationHead",
     "attention_heads",
@@ -35,8 +37,8 @@ __all__ = [
 # The normalisation of the batch contract (``images`` are normalised with CLIP mean/std).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# ITU-R BT.601 luma, as PIL's ``convert("L")``.
-_LUMA = (0.299, 0.587, 0.114)
+# SEN's ``rgb_to_weighted_grayscale`` (model/build.py): R, G, B weights (MATLAB rgb2gray's BT.601).
+GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 
 def attention_heads(width: int) -> int:
@@ -65,7 +67,9 @@ def _transformer(width: int, depth: int) -> CLIPEncoder:
 
 
 def _init_transformer(stack: CLIPEncoder, width: int, depth: int) -> None:
-    # IRRA initialises its cross-modal transformer like CLIP's text transformer.
+    # IRRA (and SEN) initialise their cross-modal transformers like CLIP's text transformer:
+    # normal weights; the attention biases are zero (nn.MultiheadAttention's packed in_proj
+    # and out_proj biases start at zero), the MLP biases keep nn.Linear's default uniform init.
     attn_std = width**-0.5
     proj_std = width**-0.5 * (2 * depth) ** -0.5
     fc_std = (2 * width) ** -0.5
@@ -76,9 +80,7 @@ def _init_transformer(stack: CLIPEncoder, width: int, depth: int) -> None:
         nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
         nn.init.zeros_(layer.self_attn.out_proj.bias)
         nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
-        nn.init.zeros_(layer.mlp.fc1.bias)
         nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
-        nn.init.zeros_(layer.mlp.fc2.bias)
 
 
 # --------------------------------------------------------------------------- IRR
@@ -169,19 +171,24 @@ def identity_classifier(width: int, num_classes: int) -> nn.Linear:
 
 
 def to_greyscale(images: Tensor) -> Tensor:
-    """Greyscale copy of CLIP-normalised images, replicated to 3 channels and renormalised.
+    """SEN's greyscale copy: ``0.2989 R + 0.5870 G + 0.1140 B``, replicated to 3 channels.
+
+    Exactly SEN's ``rgb_to_weighted_grayscale``: the weights apply to the channels of the
+    tensor as given, i.e. to the CLIP-normalised batch (SEN calls it on ``batch['images']``
+    after ``T.Normalize``), not to de-normalised pixels. The result is therefore not the
+    normalised luma of the image: for a grey pixel of value v every output channel is
+    ``sum_c w_c (v - mean_c) / std_c`` (about ``(v - 0.46) / 0.27``), while the encoder's
+    colour input for the same pixel is ``(v - mean_c) / std_c`` per channel.
 
     Args:
-        images: (B, 3, H, W) normalised with :data:`CLIP_MEAN` / :data:`CLIP_STD`.
+        images: (B, 3, H, W), normally the CLIP-normalised batch.
 
     Returns:
-        (B, 3, H, W) the luma image in the same normalisation as the input.
+        (B, 3, H, W) the weighted channel sum in every channel.
     """
-    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    rgb = images * std + mean  # (B, 3, H, W) in [0, 1]
-    luma = (rgb * images.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (B, 1, H, W)
-    return (luma.expand_as(images) - mean) / std
+    w = images.new_tensor(GREY_WEIGHTS).view(1, 3, 1, 1)
+    grey = (images * w).sum(1, keepdim=True)  # (B, 1, H, W)
+    return grey.expand_as(images).contiguous()
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -259,13 +266,47 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
 
 
 class RestorationHead(nn.Module):
-    """UIT's text-guided restoration decoder (MAE-style decoder with caption cross-attention).
+    """UIT's text-guided restoration decoder, as SEN's ``cross_former_mae`` (``model/build.py``).
 
     The encoder has seen only the kept patches of a greyscale image (plus its class token).
-    Here: project to the decoder width, put a learnable mask token at every dropped patch,
-    restore the grid order, add fixed 2-D sin-cos positions, let the image tokens attend to
-    the caption's tokens (one pre-norm residual cross-attention, padding masked), run a
-    transformer of depth ``depth``, and predict each patch's ``p * p * 3`` colour pixels.
+    In SEN's order:
+
+    1. layernorm the image tokens (SEN ``norm_1``) and the caption tokens (``norm_2``);
+    2. project the image tokens to the decoder width (``decoder_embed``), put the mask token
+       (zero-initialised, as SEN, which never re-initialises it) at every dropped patch,
+       restore the grid order, keep the class token first;
+    3. add fixed 2-D sin-cos positions (MAE's ``get_2d_sincos_pos_embed``: the first half of
+       the channels encodes the column, the second half the row; zero at the class token);
+    4. one cross-attention, queries = the layernormed (``norm_4``) image tokens, mask tokens
+       and class token included, keys and values = the caption tokens, **without a residual
+       and without a padding mask**: its layernormed output (``norm_6``) *replaces* the image
+       tokens, so everything the decoder knows about the image reaches it through attention
+       weights over the caption (the image tokens choose which caption tokens to read);
+    5. a bidirectional transformer of depth ``depth`` (CLIP residual blocks, QuickGELU;
+       SEN's ``cross_modal_transformer_mae`` with ``cmt_depth`` 4), a layernorm (``norm_7``)
+       and a linear layer to each patch's ``p * p * 3`` colour pixels (``decoder_pred``); the
+       class position is dropped.
+
+    Initialisation as SEN: cross-attention input projections normal with std
+    ``width**-0.5``, output projection ``width**-0.5 * (2 * depth)**-0.5``, zero attention
+    biases; the transformer as IRRA's; the two linear layers keep PyTorch's default init.
+
+    What still differs from SEN, and why:
+
+    - ``text_mask`` is accepted but unused: SEN attends to every caption position, padding
+      included. The padding tokens themselves differ: SEN pads CLIP ids with 0 (the token
+      "!"), tpr with the tokenizer's pad id (data side, not this head).
+    - How many patches are dropped is decided in ``UIT.forward``, not here: SEN keeps
+      ``int((1 + N) (1 - r)) - 1`` patches (its class token counts in the masking length) and,
+      by an off-by-one in its ``random_masking``, leaves one dropped patch out of the loss
+      mask; tpr keeps ``round(N (1 - r))`` and scores every dropped patch (N = 192, r = 0.7:
+      SEN keeps 56 and scores 135 of its 136 dropped patches; tpr keeps 58, scores 134).
+    - Precision: SEN converts the model to fp16 and casts the decoder input to fp16; tpr
+      runs in ``distributed.precision``.
+    - SEN also builds ``cross_attn_TextImage``, ``cross_attn_Image``, ``norm_3`` and
+      ``norm_5`` and never uses them; they are left out (no gradient, no effect).
+    - The decoder width is ``decoder_width`` (UIT passes the joint size rounded up to a
+      multiple of 4, i.e. SEN's ``embed_dim`` whenever that is divisible by 4, as 512 is).
 
     Args:
         width: joint space size (encoder tokens and caption tokens).
@@ -282,21 +323,65 @@ class RestorationHead(nn.Module):
         self.grid = (int(grid[0]), int(grid[1]))
         self.patch_size = patch_size
         heads = attention_heads(decoder_width)
-        self.embed = nn.Linear(width, decoder_width)
+        self.ln_image = nn.LayerNorm(width)  # SEN norm_1
+        self.ln_text = nn.LayerNorm(width)  # SEN norm_2
+        self.embed = nn.Linear(width, decoder_width)  # SEN decoder_embed
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
-        # Class position is zero, as in MAE; the buffer is fixed (not trained, not saved).
-        pos = torch.cat([torch.zeros(1, decoder_width), sincos_2d(decoder_width, self.grid)], dim=0)
+        # MAE / SEN channel order: columns in the first half, rows in the second; class row zero.
+        # The buffer is fixed (not trained, not saved).
+        rows_cols = sincos_2d(decoder_width, self.grid)  # rows first, then columns
+        half = decoder_width // 2
+        pos = torch.cat([rows_cols[:, half:], rows_cols[:, :half]], dim=1)
+        pos = torch.cat([torch.zeros(1, decoder_width), pos], dim=0)
         self.register_buffer("pos_embed", pos[None], persistent=False)  # (1, 1 + N, Dd)
-        self.ln_q = nn.LayerNorm(decoder_width)
-        self.ln_kv = nn.LayerNorm(width)
+        self.ln_q = nn.LayerNorm(decoder_width)  # SEN norm_4
         self.cross_attn = nn.MultiheadAttention(
             decoder_width, heads, kdim=width, vdim=width, batch_first=True
-        )
-        self.transformer = _transformer(decoder_width, depth)
-        self.norm = nn.LayerNorm(decoder_width)
-        self.pred = nn.Linear(decoder_width, patch_size * patch_size * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
+        )  # SEN cross_attn_Text
+        self.ln_fused = nn.LayerNorm(decoder_width)  # SEN norm_6
+        self.transformer = _transformer(decoder_width, depth)  # SEN cross_modal_transformer_mae
+        self.norm = nn.LayerNorm(decoder_width)  # SEN norm_7
+        self.pred = nn.Linear(decoder_width, patch_size * patch_size * 3)  # SEN decoder_pred
+        scale = decoder_width**-0.5
+        proj_std = scale * (2 * depth) ** -0.5
+        attn = self.cross_attn
+        if attn.in_proj_weight is not None:  # kdim == vdim == decoder_width: one packed matrix
+            nn.init.normal_(attn.in_proj_weight, std=scale)
+        else:
+            for w in (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight):
+                nn.init.normal_(w, std=scale)
+        nn.init.normal_(attn.out_proj.weight, std=proj_std)
         _init_transformer(self.transformer, decoder_width, depth)
+
+    def queries(self, visible: Tensor, keep_idx: Tensor) -> Tensor:
+        """Decoder tokens before the cross-attention (steps 1-3 for the image side).
+
+        Args:
+            visible: (B, 1 + K, E) encoder tokens of the kept patches (class token first).
+            keep_idx: (B, K) grid index of each kept patch.
+
+        Returns:
+            (B, 1 + N, Dd) class token, then every patch in grid order (mask token where
+            dropped), positions added.
+        """
+        b = visible.shape[0]
+        n = self.grid[0] * self.grid[1]
+        x = self.embed(self.ln_image(visible))  # (B, 1 + K, Dd)
+        d = x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(b, n, d)  # (B, N, Dd)
+        full = full.scatter(1, keep_idx[..., None].expand(-1, -1, d), x[:, 1:])  # unshuffle
+        return torch.cat([x[:, :1], full], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, Dd)
+
+    def decode(self, fused: Tensor) -> Tensor:
+        """Everything after the cross-attention: (B, 1 + N, Dd) attention output -> pixels.
+
+        The prediction is a function of the cross-attention output alone (no residual).
+
+        Returns:
+            (B, N, p * p * 3).
+        """
+        x = self.transformer(inputs_embeds=self.ln_fused(fused)).last_hidden_state
+        return self.pred(self.norm(x[:, 1:]))
 
     def forward(self, visible: Tensor, keep_idx: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
         """Predict the pixels of every patch.
@@ -304,23 +389,14 @@ class RestorationHead(nn.Module):
         Args:
             visible: (B, 1 + K, E) encoder tokens of the kept patches (class token first).
             keep_idx: (B, K) grid index of each kept patch.
-            text_tokens: (B, L, E) the encoded caption.
-            text_mask: (B, L) 1 on real caption tokens.
+            text_tokens: (B, L, E) the encoded caption (every position, padding included).
+            text_mask: (B, L) 1 on real caption tokens; unused, as in SEN (see the class notes).
 
         Returns:
             (B, N, p * p * 3) predicted pixels (normalised colour), all N patches.
         """
-        b = visible.shape[0]
-        n = self.grid[0] * self.grid[1]
-        x = self.embed(visible)  # (B, 1 + K, Dd)
-        d = x.shape[-1]
-        full = self.mask_token.to(x.dtype).expand(b, n, d)  # (B, N, Dd)
-        full = full.scatter(1, keep_idx[..., None].expand(-1, -1, d), x[:, 1:])  # unshuffle
-        x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, Dd)
-        kv = self.ln_kv(text_tokens)
-        x = (
-            x
-            + self.cross_attn(self.ln_q(x), kv, kv, key_padding_mask=~text_mask.bool(), need_weights=False)[0]
-        )
-        x = self.transformer(inputs_embeds=x).last_hidden_state
-        return self.pred(self.norm(x[:, 1:]))  # (B, N, p*p*3)
+        del text_mask  # SEN attends to the padding positions too
+        x = self.queries(visible, keep_idx)  # (B, 1 + N, Dd)
+        kv = self.ln_text(text_tokens)  # (B, L, E)
+        fused = self.cross_attn(self.ln_q(x), kv, kv, need_weights=False)[0]  # (B, 1 + N, Dd)
+        return self.decode(fused)  # (B, N, p*p*3)

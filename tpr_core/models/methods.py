@@ -212,7 +212,8 @@ class UIT(_DualMethod):
         out = self._global(batch)
         images = batch["images"]
         b, n = images.shape[0], self.encoder.num_patches
-        keep = max(1, round(n * (1.0 - self.mask_ratio)))
+        # SEN's count: int((1 + N)(1 - r)) - 1 patches kept (its class token counted, then removed)
+        keep = max(1, int((1 + n) * (1.0 - self.mask_ratio)) - 1)
         gen, noise = None, None
         if not self.training:
             gen = torch.Generator(device=images.device).manual_seed(0)
@@ -262,6 +263,10 @@ class IVT(nn.Module):
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, tokenizer: Any) -> None:
         super().__init__()
+        if cfg.model.pretrained_text is not None:
+            from tpr_core.models.ivt_pretrained import check_bert_tokenizer
+
+            check_bert_tokenizer(tokenizer, cfg.model.pretrained_text)  # BERT's ids, or an error
         self.encoder: SharedEncoder = build_shared_encoder(cfg.model, int(tokenizer.vocab_size))
         # IVT has no identity classifier: ``num_classes`` is accepted for the common builder signature.
         self.bmm_ratio = float(cfg.loss.bmm_mask_ratio)

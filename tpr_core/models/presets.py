@@ -6,7 +6,8 @@ so one preset serves any input size. ``model.embed_dim`` overrides a preset's jo
 
 - ``tiny``: a few layers of width 128; a method trains in minutes on 2 CPU cores.
 - ``base``: CLIP ViT-B/16 (vision 768 wide, 12 layers, 12 heads; text 512 wide, 12 layers,
-  8 heads; joint space 512). The shared (IVT) encoder's base is ViT-B/16 (768 wide, 12 layers).
+  8 heads; joint space 512). The shared (IVT) encoder's base is ViT-B/16 (768 wide, 12 layers,
+  12 heads, the sizes of BERT-base too) with IVT's 768-wide embeddings (no projection).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ DUAL_PRESETS: dict[str, DualPreset] = {
 
 SHARED_PRESETS: dict[str, SharedPreset] = {
     "tiny": SharedPreset(TowerSize(128, 2, 4), embed_dim=128),
-    # ViT-B/16, as IVT (Shu et al. 2022) uses for its single shared backbone.
-    "base": SharedPreset(TowerSize(768, 12, 12), embed_dim=512),
+    # ViT-B/16, as IVT (Shu et al. 2022) uses for its single shared backbone; IVT's embeddings
+    # are the 768-wide class tokens (model/make_model_vl.py: out_vis = t_vis[:, 0]), no projection.
+    "base": SharedPreset(TowerSize(768, 12, 12), embed_dim=768),
 }
 
 
