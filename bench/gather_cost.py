@@ -122,6 +122,9 @@ class _Recorder:
             self.int_bytes += per_row
         return t
 
+    def many(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self(t) for t in tensors)
+
     def mean(self, total: torch.Tensor, count: Any) -> torch.Tensor:
         return total / max(int(count), 1)
 
@@ -132,7 +135,8 @@ def _base_bytes(method: str, workers: int) -> tuple[int, int, int, int]:
     from tpr_core.models import build_method
 
     cfg = load_config(REPO / "pipelines" / "configs" / f"{method}_cuhk_base.yaml",
-                      ["model.pretrained=null", "distributed.num_workers=1"])
+                      ["model.pretrained=null", "distributed.num_workers=1"]
+                      + (["model.pretrained_text=null"] if method == "ivt" else []))
 
     class Tok:
         vocab_size, pad_id, bos_id, eos_id, mask_id = 49409, 0, 1, 2, 49408
