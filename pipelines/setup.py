@@ -57,7 +57,8 @@ def run_paths(runs_dir: str | Path, name: str) -> RunPaths:
 def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
     """Resolve relative local paths against the current directory: Ray workers run elsewhere."""
     data = cfg.model_dump(mode="json")
-    for sec, key in (("data", "root"), ("data", "raw_root"), ("model", "pretrained")):
+    keys = (("data", "root"), ("data", "raw_root"), ("model", "pretrained"), ("model", "pretrained_text"))
+    for sec, key in keys:
         v = data[sec][key]
         if v and not is_uri(v):
             data[sec][key] = str(Path(v).expanduser().resolve())
@@ -89,7 +90,15 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise PreflightError(
                 "distributed.precision=bf16 requested on a CPU without bf16 support (no avx512_bf16/amx_bf16); use fp32"
             )
-    if cfg.model.pretrained:
+    if cfg.method == "ivt":
+        # ivt: a timm ViT file (model.pretrained) and a BERT folder (model.pretrained_text).
+        from tpr_core.models.ivt_pretrained import check_ivt_pretrained
+
+        try:
+            check_ivt_pretrained(cfg.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise PreflightError(str(e)) from None
+    elif cfg.model.pretrained:
         from tpr_core.models.dual_encoder import check_clip_dir
 
         try:
@@ -132,8 +141,10 @@ def ensure_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
 def ensure_tokenizer(cfg: ExperimentConfig, out_dir: str) -> str:
     """Save the run's tokenizer to ``out_dir`` (kept if already there, so a resume reuses it).
 
-    From-scratch runs train one on the training captions; pretrained runs take the CLIP
-    directory's tokenizer (plus a mask token).
+    From-scratch runs train one on the training captions; runs from a CLIP directory take its
+    tokenizer (plus a mask token); ivt runs from a BERT folder (``model.pretrained_text``)
+    take that folder's WordPiece tokenizer. An ivt run with ``model.pretrained`` only (a ViT
+    and no BERT) trains one on the captions.
     """
     from tpr_core.data.dataset import load_split
     from tpr_core.data.tokenizer import Tokenizer
@@ -141,7 +152,12 @@ def ensure_tokenizer(cfg: ExperimentConfig, out_dir: str) -> str:
     out = Path(out_dir)
     if (out / "tpr_tokenizer.json").exists():
         return str(out)
-    if cfg.model.pretrained:
+    if cfg.method == "ivt" and cfg.model.pretrained_text:
+        try:
+            tok = Tokenizer.from_bert(cfg.model.pretrained_text, max_length=cfg.model.text_length)
+        except (ValueError, FileNotFoundError) as e:
+            raise PreflightError(f"model.pretrained_text {cfg.model.pretrained_text}: {e}") from None
+    elif cfg.method != "ivt" and cfg.model.pretrained:
         tok = Tokenizer.from_clip(cfg.model.pretrained, max_length=cfg.model.text_length)
     else:
         train = load_split(cfg.data.root, "train")

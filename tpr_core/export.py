@@ -6,8 +6,10 @@ Layout (format version 1)::
         model.safetensors   the full state dict (CPU, contiguous; safetensors, never pickle)
         config.yaml         the resolved ExperimentConfig (``tpr_core.config.dump_config``)
         tokenizer/          ``Tokenizer.save`` output (tokenizer.json + tpr_tokenizer.json)
-        clip/config.json    only for a model started from ``model.pretrained``: that CLIP's
-                            config (its tower sizes), so loading needs no CLIP directory
+        clip/config.json    only for a dual-encoder model (irra, fmfa, uit) started from
+                            ``model.pretrained``: that CLIP's config (its tower sizes), so
+                            loading needs no CLIP directory. An ivt model's sizes come from
+                            its preset, so it keeps nothing of its ViT / BERT checkpoints
         metrics.json        metrics of the exported weights, e.g. {"val/R1": 41.2, ...}
         export.json         {"format": "tpr-export", "format_version": 1, "method", "num_classes",
                              "dataset_manifest_hash", "weights_sha256", "num_tensors",
@@ -20,6 +22,8 @@ and ``run_name``.
 The folder is written into a temporary sibling and renamed into place, so a reader never
 sees half a model. Loading rebuilds the module with ``build_method`` and fills it with
 ``safetensors.torch.load_file``; the weights file is checked against its recorded SHA-256.
+An ivt model is rebuilt with ``model.pretrained`` and ``model.pretrained_text`` unset (all
+its weights are in the folder), so it loads where the ViT and BERT files are absent.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def save_exported(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "method": cfg.method})
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
         tokenizer.save(tmp / TOKENIZER_DIR)
-        if cfg.model.pretrained is not None:
+        if cfg.model.pretrained is not None and cfg.method != "ivt":
             # The tower sizes of a model started from CLIP weights come from that CLIP's
             # config: keep it, so the folder loads without the original CLIP directory.
             (tmp / CLIP_CONFIG_DIR).mkdir()
@@ -246,7 +250,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
 
     saved_cfg, skeleton = cfg, contextlib.nullcontext()
-    if cfg.model.pretrained is not None:
+    if cfg.method == "ivt":
+        # The shared encoder's sizes are the preset's; its ViT / BERT starting weights are
+        # replaced by the folder's below, so the checkpoint files are neither read nor needed
+        # (nor is the tokenizer checked against BERT's vocab.txt: it is the one saved here).
+        if cfg.model.pretrained is not None or cfg.model.pretrained_text is not None:
+            model_cfg = cfg.model.model_copy(update={"pretrained": None, "pretrained_text": None})
+            cfg = cfg.model_copy(update={"model": model_cfg})
+    elif cfg.model.pretrained is not None:
         # The towers' sizes come from the CLIP config kept in the folder; weights come below.
         if (root / CLIP_CONFIG_DIR / "config.json").is_file():
             model_cfg = cfg.model.model_copy(update={"pretrained": str(root / CLIP_CONFIG_DIR)})

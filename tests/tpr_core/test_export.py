@@ -154,3 +154,46 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", tripwire)
     loaded = export.load_exported(out)
     assert loaded.info["method"] == "uit"
+
+
+def test_ivt_from_vit_and_bert_loads_without_them(tmp_path):
+    """An ivt model started from a (tiny, fake) timm ViT and BERT: the export keeps no CLIP config,
+    and loads, with the same embeddings, after both checkpoints are deleted."""
+    import shutil
+
+    from tests.tpr_core.test_ivt_pretrained import fake_bert, fake_vit
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    vit, _ = fake_vit(ckpts, "vit")
+    bert, _ = fake_bert(ckpts, "bert", max_position_embeddings=64)  # the tiny config's 48 tokens fit
+    cfg = load_config(
+        CONFIGS / "ivt_synthetic_tiny.yaml",
+        [f"model.pretrained={vit / 'model.safetensors'}", f"model.pretrained_text={bert}"],
+    )
+    tok = Tokenizer.from_bert(bert, max_length=cfg.model.text_length)
+    torch.manual_seed(0)
+    model = build_method(cfg, 7, tok).eval()
+    # Started from the checkpoints: the first block's attention is the ViT's, not a seeded init.
+    from safetensors.torch import load_file
+
+    vit_qkv = load_file(str(vit / "model.safetensors"))["blocks.0.attn.qkv.weight"]
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight.detach(), vit_qkv)
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {"val/R1": 1.0}, 7)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "config.yaml", "tokenizer", "metrics.json", "export.json"]
+    )
+    shutil.rmtree(ckpts)
+    torch.manual_seed(123)
+    loaded = export.load_exported(out)
+    assert loaded.cfg == cfg  # the config as trained, checkpoint paths included
+    assert loaded.tokenizer.kind == "bert" and loaded.tokenizer.vocab_size == tok.vocab_size
+    original, restored = model.state_dict(), loaded.model.state_dict()
+    assert original.keys() == restored.keys()
+    for k in original:
+        assert torch.equal(original[k], restored[k]), k
+    images, _, _ = _inputs(cfg, tok)
+    ids, mask = loaded.tokenizer.encode(["A man in RED shoes", "a woman with a black bag"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), loaded.model.encode_image(images))
+        assert torch.equal(model.encode_text(ids, mask), loaded.model.encode_text(ids, mask))

@@ -66,7 +66,8 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _vit(tmp: Path, name: str, *, img: int = 32, patch: int = 8, depth: int = DEPTH) -> tuple[Path, dict]:
+def fake_vit(tmp: Path, name: str, *, img: int = 32, patch: int = 8, depth: int = DEPTH) -> tuple[Path, dict]:
+    """A tiny timm ViT (the tiny preset's width and heads) saved as ``tmp/name/model.safetensors``."""
     torch.manual_seed(1)
     vit = VisionTransformer(
         img_size=img, patch_size=patch, embed_dim=WIDTH, depth=depth, num_heads=HEADS, num_classes=7
@@ -81,17 +82,19 @@ def _vit(tmp: Path, name: str, *, img: int = 32, patch: int = 8, depth: int = DE
     return folder, state
 
 
-def _bert(tmp: Path, name: str, *, model_cls=BertModel, **over) -> tuple[Path, BertModel]:
+def fake_bert(tmp: Path, name: str, *, model_cls=BertModel, **over) -> tuple[Path, BertModel]:
+    """A tiny BERT folder (the tiny preset's sizes; ``over`` changes BertConfig fields) with ``vocab.txt``."""
     torch.manual_seed(2)
-    cfg = BertConfig(
-        vocab_size=BERT_VOCAB,
-        hidden_size=WIDTH,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        intermediate_size=4 * WIDTH,
-        max_position_embeddings=32,
-        **over,
-    )
+    kw = {
+        "vocab_size": BERT_VOCAB,
+        "hidden_size": WIDTH,
+        "num_hidden_layers": DEPTH,
+        "num_attention_heads": HEADS,
+        "intermediate_size": 4 * WIDTH,
+        "max_position_embeddings": 32,
+    }
+    kw.update(over)
+    cfg = BertConfig(**kw)
     model = model_cls(cfg).eval()
     folder = tmp / name
     model.save_pretrained(folder)
@@ -102,9 +105,9 @@ def _bert(tmp: Path, name: str, *, model_cls=BertModel, **over) -> tuple[Path, B
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("ivt-pretrained")
-    vit8, state8 = _vit(tmp, "vit-p8")
-    vit16, state16 = _vit(tmp, "vit-p16", patch=16)
-    bert, bert_model = _bert(tmp, "bert")
+    vit8, state8 = fake_vit(tmp, "vit-p8")
+    vit16, state16 = fake_vit(tmp, "vit-p16", patch=16)
+    bert, bert_model = fake_bert(tmp, "bert")
     return {
         "tmp": tmp,
         "vit8": vit8,
@@ -253,7 +256,7 @@ def test_bert_embeddings_and_ffns_load_exactly(ckpts: dict) -> None:
 
 def test_bert_with_a_prefixed_checkpoint(ckpts: dict) -> None:
     # Hub BERT checkpoints are often a BertForMaskedLM ("bert." prefix): the same weights load.
-    folder, mlm = _bert(ckpts["tmp"], "bert-mlm", model_cls=BertForMaskedLM)
+    folder, mlm = fake_bert(ckpts["tmp"], "bert-mlm", model_cls=BertForMaskedLM)
     enc = build_shared_encoder(_model_cfg(ckpts, pretrained=None, pretrained_text=str(folder)), BERT_VOCAB)
     assert torch.equal(enc.token_embed.weight.detach(), mlm.bert.embeddings.word_embeddings.weight.detach())
     assert torch.equal(
@@ -266,6 +269,30 @@ def test_the_folder_holds_bert_s_tokenizer(ckpts: dict) -> None:
     # uncased: [CLS] a man in red shoes [SEP]
     enc = tok(["A man in red shoes"], padding="max_length", max_length=10)
     assert enc["input_ids"][0][:7] == [2, 5, 6, 8, 9, 17, 3] and tok.pad_token_id == 0
+
+
+def test_tpr_s_bert_tokenizer_is_accepted(ckpts: dict, tmp_path: Path) -> None:
+    from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.models.ivt_pretrained import check_bert_tokenizer
+
+    tok = Tokenizer.from_bert(ckpts["bert"], max_length=LENGTH)
+    hf = BertTokenizerFast.from_pretrained(str(ckpts["bert"]), local_files_only=True)
+    assert (
+        (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id)
+        == (len(hf), hf.cls_token_id, hf.sep_token_id, hf.pad_token_id, hf.mask_token_id)
+        == tuple(getattr(BertTok(), a) for a in ("vocab_size", "bos_id", "eos_id", "pad_id", "mask_id"))
+    )
+    check_bert_tokenizer(tok, ckpts["bert"])
+    # Saved and loaded (as a run's tokenizer is), it still passes and builds the method.
+    loaded = Tokenizer.load(tok.save(tmp_path / "tok"))
+    check_bert_tokenizer(loaded, ckpts["bert"])
+    model = build_method(_ivt_cfg(ckpts), num_classes=3, vocab=loaded).eval()
+    assert model.encoder.token_embed.num_embeddings == BERT_VOCAB  # no row appended for a mask token
+    ids, mask = loaded.encode(["A man in RED shoes"])
+    assert ids[0, :7].tolist() == hf("A man in RED shoes")["input_ids"] == [2, 5, 6, 8, 9, 17, 3]
+    with torch.no_grad():  # the text embedding is BERT's on the tokenizer's ids
+        want = ckpts["bert_model"].embeddings(input_ids=ids)
+        torch.testing.assert_close(model.encoder.embed_text(ids), want, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the method
@@ -362,12 +389,12 @@ def test_missing_files_are_named(ckpts: dict, tmp_path: Path) -> None:
 
 
 def test_checkpoints_of_other_sizes_are_refused(ckpts: dict, tmp_path: Path) -> None:
-    deep, _ = _vit(tmp_path, "vit-deep", depth=3)
+    deep, _ = fake_vit(tmp_path, "vit-deep", depth=3)
     with pytest.raises(ValueError, match=r"blocks up to 2, the shared encoder 2"):
         build_shared_encoder(_model_cfg(ckpts, pretrained=str(deep)), BERT_VOCAB)
     with pytest.raises(ValueError, match=r"patch size \(16, 16\), model.patch_size is 8"):
         build_shared_encoder(_model_cfg(ckpts, pretrained=str(ckpts["vit16"])), BERT_VOCAB)
-    gelu_new, _ = _bert(tmp_path, "bert-gelu-new", hidden_act="gelu_new")
+    gelu_new, _ = fake_bert(tmp_path, "bert-gelu-new", hidden_act="gelu_new")
     with pytest.raises(ValueError, match=r"config.json hidden_act is 'gelu_new'"):
         build_shared_encoder(_model_cfg(ckpts, pretrained=None, pretrained_text=str(gelu_new)), BERT_VOCAB)
     with pytest.raises(ValueError, match=r"32 positions, fewer than model.text_length 40"):

@@ -1,4 +1,4 @@
-"""Tokenizers: trained BPE and a local CLIP one; BOS/EOS, padding, truncation, save/load."""
+"""Tokenizers: trained BPE, a local CLIP one and a local BERT one; BOS/EOS, padding, truncation, save/load."""
 
 from __future__ import annotations
 
@@ -163,3 +163,96 @@ def test_from_clip_save_load(tiny_clip_dir, tmp_path) -> None:
 def test_from_clip_missing_dir(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not_here"):
         Tokenizer.from_clip(tmp_path / "not_here")
+
+
+# ------------------------------------------------------------------------- BERT
+
+BERT_WORDS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", "a", "man", "woman"]
+BERT_WORDS += ["in", "red", "shirt", "bag", "with", "black", "##s", "##pack", "back", "cafe"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A BERT-uncased tokenizer folder: vocab.txt and the tokenizer_config.json of bert-base-uncased."""
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    return d
+
+
+def test_from_bert_matches_the_hf_tokenizer(tiny_bert_dir) -> None:
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer.from_bert(tiny_bert_dir, max_length=20)
+    hf = BertTokenizerFast.from_pretrained(str(tiny_bert_dir), local_files_only=True)
+    assert tok.kind == "bert"
+    # BERT's own ids, nothing appended: the vocabulary is vocab.txt's.
+    assert tok.vocab_size == len(BERT_WORDS) == len(hf)
+    v = {w: i for i, w in enumerate(BERT_WORDS)}
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id) == (
+        v["[CLS]"],
+        v["[SEP]"],
+        v["[PAD]"],
+        v["[MASK]"],
+    )
+    assert tok.special_ids == {v["[CLS]"], v["[SEP]"], v["[PAD]"], v["[MASK]"]}
+    for text in (
+        "A Man in RED shirts, with a BACKPACK.",
+        "a woman  with black bags",
+        "Café woman",  # accents stripped with the lower case, as bert-base-uncased
+        "a [MASK] man",  # the mask token stays one token
+        "unknown words here",
+    ):
+        want = hf(text)["input_ids"]
+        ids, mask = tok.encode([text])
+        n = len(want)
+        assert ids[0, :n].tolist() == want, text
+        assert (ids[0, n:] == tok.pad_id).all() and mask[0].tolist() == [1] * n + [0] * (20 - n)
+    ids, _ = tok.encode(["A Man in RED shirts, with a BACKPACK."])
+    assert ids[0, :4].tolist() == [v["[CLS]"], v["a"], v["man"], v["in"]]
+    assert tok.decode(ids[0]) == hf.decode(
+        hf("A Man in RED shirts, with a BACKPACK.")["input_ids"], skip_special_tokens=True
+    )
+    assert tok.decode(ids[0]) == "a man in red shirts, with a backpack."
+    long, lmask = tok.encode(["a red shirt " * 10], max_length=6)
+    assert long[0].tolist() == [v["[CLS]"], v["a"], v["red"], v["shirt"], v["a"], v["[SEP]"]]
+    assert lmask[0].tolist() == [1] * 6
+
+
+def test_from_bert_save_load_without_the_folder(tiny_bert_dir, tmp_path) -> None:
+    import shutil
+
+    src = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, src)
+    tok = Tokenizer.from_bert(src, max_length=16)
+    saved = tok.save(tmp_path / "bert_tok")
+    shutil.rmtree(src)  # the run's tokenizer is self-contained
+    meta = json.loads((saved / "tpr_tokenizer.json").read_text())
+    assert meta["kind"] == "bert"
+    assert meta["tokens"] == {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
+    loaded = Tokenizer.load(saved)
+    for attr in ("kind", "vocab_size", "pad_id", "bos_id", "eos_id", "mask_id", "special_ids", "max_length"):
+        assert getattr(loaded, attr) == getattr(tok, attr), attr
+    texts = ["A man with a BLACK bag.", "a woman in a red shirt"]
+    for a, b in zip(tok.encode(texts), loaded.encode(texts), strict=True):
+        assert torch.equal(a, b)
+    assert loaded.tokenize("[MASK]") == [tok.mask_id]
+    assert loaded.decode(loaded.encode(texts)[0][0]) == "a man with a black bag."
+
+
+def test_from_bert_errors_name_the_file(tiny_bert_dir, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not_here"):
+        Tokenizer.from_bert(tmp_path / "not_here")
+    d = tmp_path / "bert"
+    d.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"vocabulary not found: {d}/vocab.txt"):
+        Tokenizer.from_bert(d)
+    (d / "vocab.txt").write_text("\n".join(w for w in BERT_WORDS if w != "[MASK]") + "\n")
+    with pytest.raises(ValueError, match=r"vocab.txt: no \[MASK\] token"):
+        Tokenizer.from_bert(d)
+    (d / "vocab.txt").write_text((tiny_bert_dir / "vocab.txt").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: do_lower_case is false"):
+        Tokenizer.from_bert(d)
+    (d / "tokenizer_config.json").unlink()  # no config: uncased, as BertTokenizer's default
+    assert Tokenizer.from_bert(d).encode(["RED"])[0][0, 1] == BERT_WORDS.index("red")

@@ -1,10 +1,12 @@
-"""Caption tokenizers: trained from scratch on the training captions, or a local CLIP one.
+"""Caption tokenizers: trained from scratch on the training captions, a local CLIP one, or a
+local BERT (uncased WordPiece) one.
 
-Both kinds are held as a Hugging Face ``tokenizers.Tokenizer`` (the fast Rust backend)
+All kinds are held as a Hugging Face ``tokenizers.Tokenizer`` (the fast Rust backend)
 and behave the same way: lower-cased text, ``BOS tokens EOS`` then padding to
 ``max_length``; an over-long caption is truncated so that EOS stays the last real
 token (the CLIP text encoder pools at EOS, so losing it would pool at a random word).
-A ``<|mask|>`` token always exists, for masked-language modelling.
+A mask token always exists, for masked-language modelling: ``<|mask|>`` (appended for
+CLIP), BERT's own ``[MASK]``.
 
 A tokenizer is saved as a directory: ``tokenizer.json`` (the ``tokenizers`` file) and
 ``tpr_tokenizer.json`` (kind, special tokens and their ids, max length), so a checkpoint
@@ -25,6 +27,13 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 PAD_TOKEN = "<|pad|>"
+# BERT's special tokens (bert-base-uncased vocab.txt): [CLS] opens a text, [SEP] closes it.
+BERT_CLS_TOKEN = "[CLS]"
+BERT_SEP_TOKEN = "[SEP]"
+BERT_PAD_TOKEN = "[PAD]"
+BERT_MASK_TOKEN = "[MASK]"
+BERT_UNK_TOKEN = "[UNK]"
+BERT_VOCAB_FILE = "vocab.txt"
 
 _BACKEND_FILE = "tokenizer.json"
 _META_FILE = "tpr_tokenizer.json"
@@ -33,10 +42,11 @@ _META_FILE = "tpr_tokenizer.json"
 class Tokenizer:
     """Lower-casing caption tokenizer with BOS/EOS, padding, truncation and a mask token.
 
-    Build one with :meth:`train`, :meth:`from_clip` or :meth:`load`.
+    Build one with :meth:`train`, :meth:`from_clip`, :meth:`from_bert` or :meth:`load`.
 
     Attributes:
-        kind: ``"bpe"`` (trained on captions) or ``"clip"`` (from a CLIP directory).
+        kind: ``"bpe"`` (trained on captions), ``"clip"`` (from a CLIP directory) or
+            ``"bert"`` (from a BERT folder's ``vocab.txt``).
         vocab_size: number of ids, the mask token included (size of the embedding table).
         pad_id, bos_id, eos_id, mask_id: special token ids (``pad_id`` may equal
             ``eos_id`` for CLIP, whose pad token is ``<|endoftext|>``).
@@ -163,6 +173,76 @@ class Tokenizer:
             eos_token=str(hf.eos_token),
             pad_token=str(pad_token),
             mask_token=MASK_TOKEN,
+            max_length=max_length,
+        )
+
+    @classmethod
+    def from_bert(cls, path: str | Path, max_length: int = 77) -> Tokenizer:
+        """The uncased WordPiece tokenizer of a local Hugging Face BERT folder (its ``vocab.txt``).
+
+        Built with the ``tokenizers`` library as ``BertTokenizerFast`` builds bert-base-uncased's:
+        BERT's normalizer (control characters removed, CJK characters split, lower case,
+        accents stripped), BERT's pre-tokenizer (whitespace and punctuation), WordPiece with
+        ``[UNK]`` and ``##`` continuations. BOS is ``[CLS]``, EOS ``[SEP]``, padding ``[PAD]``
+        and the mask ``[MASK]``: no token is added, so ``vocab_size`` is the number of lines
+        of ``vocab.txt`` and the ids are the ones BERT's word embeddings were trained with.
+        Nothing is downloaded; the saved tokenizer loads without the BERT folder.
+
+        Args:
+            path: a BERT folder holding ``vocab.txt`` (e.g. bert-base-uncased).
+            max_length: default padded length, ``[CLS]`` and ``[SEP]`` included.
+
+        Raises:
+            FileNotFoundError: the folder or its ``vocab.txt`` is missing.
+            ValueError: a special token is missing from ``vocab.txt``, the vocabulary repeats
+                a token, or the folder's ``tokenizer_config.json`` says the model is cased.
+        """
+        d = Path(path).expanduser()
+        if not d.is_dir():
+            raise FileNotFoundError(f"BERT tokenizer directory not found: {d}")
+        vocab_file = d / BERT_VOCAB_FILE
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"BERT tokenizer vocabulary not found: {vocab_file}")
+        config_file = d / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                lower = json.loads(config_file.read_text()).get("do_lower_case", True)
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                raise ValueError(f"{config_file} is not a JSON object") from None
+            if lower is False:
+                raise ValueError(
+                    f"{config_file}: do_lower_case is false (a cased BERT); tpr lower-cases captions "
+                    "and needs an uncased BERT vocabulary (e.g. bert-base-uncased)"
+                )
+        vocab: dict[str, int] = {}
+        with vocab_file.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                token = line.rstrip("\n")
+                if token in vocab:
+                    raise ValueError(f"{vocab_file}: token {token!r} on lines {vocab[token] + 1} and {i + 1}")
+                vocab[token] = i
+        specials = [BERT_UNK_TOKEN, BERT_CLS_TOKEN, BERT_SEP_TOKEN, BERT_PAD_TOKEN, BERT_MASK_TOKEN]
+        absent = [t for t in specials if t not in vocab]
+        if absent:
+            raise ValueError(
+                f"{vocab_file}: no {', '.join(absent)} token; is it a BERT WordPiece vocabulary?"
+            )
+        backend = _Backend(models.WordPiece(vocab, unk_token=BERT_UNK_TOKEN, max_input_chars_per_word=100))
+        backend.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+        )
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        # Already in the vocabulary: registering them keeps their ids (nothing is appended) and
+        # makes "[MASK]" in a text one token, and skipped when decoding.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        return cls(
+            backend,
+            kind="bert",
+            bos_token=BERT_CLS_TOKEN,
+            eos_token=BERT_SEP_TOKEN,
+            pad_token=BERT_PAD_TOKEN,
+            mask_token=BERT_MASK_TOKEN,
             max_length=max_length,
         )
 
