@@ -58,12 +58,7 @@ class BertTok:
     mask_id: int = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_vit(tmp: Path, name: str, *, img: int = 32, patch: int = 8, depth: int = DEPTH) -> tuple[Path, dict]:

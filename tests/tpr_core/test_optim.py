@@ -12,13 +12,13 @@ B the base lr, lr_g the group's lr; t = epoch + 1 on CUHK-PEDES, t = epoch on IC
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.tpr_core.test_models import Tok
 from tpr_core.config import ExperimentConfig, OptimConfig, load_config
 from tpr_core.models import build_method
 from tpr_core.optim import build_optimizer, build_scheduler, epoch_factor, lr_factor, param_groups
@@ -28,13 +28,6 @@ EPOCHS_CHECKED = (0, 4, 5, 30, 59)
 SPE = 3  # optimizer steps per epoch in the schedule tests
 
 
-@dataclass(frozen=True)
-class Tok:
-    vocab_size: int = 60
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    mask_id: int = 59
 
 
 _MODELS: dict[str, nn.Module] = {}

@@ -8,12 +8,12 @@ that property directly, plus SEN's greyscale weights, its sin-cos positions and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from tests.tpr_core.test_models import Tok
 from tpr_core.config import ExperimentConfig
 from tpr_core.models import build_method
 from tpr_core.models.heads import GREY_WEIGHTS, RestorationHead, random_keep, to_greyscale
@@ -23,12 +23,8 @@ E, DEPTH, GRID, P, L = 32, 2, (6, 4), 4, 7
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(old)
 
 
 def _head() -> RestorationHead:
@@ -181,13 +177,6 @@ def test_decoder_positions_are_maes_and_start_as_sen() -> None:
 # --------------------------------------------------------------------------- in the model
 
 
-@dataclass(frozen=True)
-class Tok:
-    vocab_size: int = 60
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    mask_id: int = 59
 
 
 def test_tiny_uit_restoration_trains_through_the_text_encoder() -> None:

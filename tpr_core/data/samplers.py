@@ -186,15 +186,10 @@ class DistributedIdentitySampler(Sampler[list[int]]):
         seed: int = 0,
     ) -> None:
         _check_rank(rank, world_size)
-        if k < 1 or batch_size_per_rank < 1 or (batch_size_per_rank * world_size) % k:
-            raise ValueError(
-                f"the global batch {batch_size_per_rank * world_size} (batch_size_per_rank "
-                f"{batch_size_per_rank} x world_size {world_size}) must be a positive multiple of "
-                f"instances_per_identity k={k}"
-            )
+        self._check_sizes(int(batch_size_per_rank), int(k), int(world_size))
         pids = np.asarray(pids, dtype=np.int64)
         self.k, self.batch_size = int(k), int(batch_size_per_rank)
-        self.p_global = self.batch_size * int(world_size) // self.k
+        self.p_global = max(1, self.batch_size * int(world_size) // self.k)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         order = np.argsort(pids, kind="stable")
         uniq, starts = np.unique(pids[order], return_index=True)
@@ -208,6 +203,15 @@ class DistributedIdentitySampler(Sampler[list[int]]):
         self.epoch = 0
         self.start = 0
         self._plan_cache: tuple[int, list[list[int]]] | None = None
+
+    @staticmethod
+    def _check_sizes(batch_size_per_rank: int, k: int, world_size: int) -> None:
+        if k < 1 or batch_size_per_rank < 1 or (batch_size_per_rank * world_size) % k:
+            raise ValueError(
+                f"the global batch {batch_size_per_rank * world_size} (batch_size_per_rank "
+                f"{batch_size_per_rank} x world_size {world_size}) must be a positive multiple of "
+                f"instances_per_identity k={k}"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -285,34 +289,10 @@ class DistributedIdentityRandomKSampler(DistributedIdentitySampler):
     ``num_instance``, 2 for UIT).
     """
 
-    def __init__(
-        self,
-        pids: Sequence[int] | np.ndarray,
-        batch_size_per_rank: int,
-        k: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ) -> None:
-        _check_rank(rank, world_size)
+    @staticmethod
+    def _check_sizes(batch_size_per_rank: int, k: int, world_size: int) -> None:
         if k < 1 or batch_size_per_rank < 1:
             raise ValueError(f"need batch_size_per_rank >= 1 and k >= 1, got {batch_size_per_rank} and {k}")
-        pids = np.asarray(pids, dtype=np.int64)
-        self.k, self.batch_size = int(k), int(batch_size_per_rank)
-        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
-        self.p_global = max(1, self.batch_size * self.world_size // self.k)
-        order = np.argsort(pids, kind="stable")
-        uniq, starts = np.unique(pids[order], return_index=True)
-        self._rows = np.split(order, starts[1:])
-        self.num_identities = len(uniq)
-        if self.num_identities < self.p_global:
-            raise ValueError(
-                f"{self.num_identities} identities cannot fill one round of {self.p_global} identities "
-                f"(global batch {self.batch_size * self.world_size} / k {self.k})"
-            )
-        self.epoch = 0
-        self.start = 0
-        self._plan_cache = None
 
     def _global_plan(self, epoch: int) -> list[list[list[int]]]:
         rng = np.random.default_rng(self.seed + epoch)

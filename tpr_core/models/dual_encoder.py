@@ -65,7 +65,9 @@ def pool_eos(tokens: Tensor, text_mask: Tensor) -> Tensor:
     return tokens[torch.arange(tokens.shape[0], device=tokens.device), eos]
 
 
-def interpolate_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+def interpolate_pos_embed(
+    pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], mode: str = "bicubic"
+) -> Tensor:
     """Resample ViT position embeddings to another patch grid.
 
     The class position (row 0) is kept as is; the patch positions are laid out on their
@@ -76,6 +78,7 @@ def interpolate_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tupl
         pos: (1 + gh*gw, D) class position then patch positions, row-major.
         old_grid: (gh, gw) the grid ``pos`` was trained on.
         new_grid: (gh', gw') the target grid.
+        mode: ``F.interpolate`` mode (``bicubic`` for CLIP; IVT resizes ``bilinear``).
 
     Returns:
         (1 + gh'*gw', D), same dtype as ``pos``.
@@ -90,7 +93,7 @@ def interpolate_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tupl
     cls, patches = pos[:1], pos[1:]
     dim = pos.shape[1]
     grid = patches.float().reshape(1, gh, gw, dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)  # (gh'*gw', D)
     return torch.cat([cls, patches], dim=0)
 

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tpr_core.config import ModelConfig
+from tpr_core.models.dual_encoder import interpolate_pos_embed
 from tpr_core.models.shared_encoder import BERT_LN_EPS, SharedEncoder
 
 __all__ = [
@@ -189,18 +189,7 @@ def resize_pos_embed(
     Returns:
         (1 + gh'*gw', D), same dtype as ``pos``.
     """
-    gh, gw = old_grid
-    if pos.shape[0] != 1 + gh * gw:
-        raise ValueError(
-            f"position embedding has {pos.shape[0]} rows, expected 1 + {gh}x{gw} for grid {old_grid}"
-        )
-    if tuple(new_grid) == tuple(old_grid):
-        return pos.clone()
-    dim = pos.shape[1]
-    grid = pos[1:].float().reshape(1, gh, gw, dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
-    patches = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)  # (gh'*gw', D)
-    return torch.cat([pos[:1], patches], dim=0)
+    return interpolate_pos_embed(pos, old_grid, new_grid, mode)
 
 
 # --------------------------------------------------------------------------- loading
