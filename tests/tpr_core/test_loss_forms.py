@@ -15,7 +15,6 @@ import torch
 
 from tpr_core import losses
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
