@@ -299,8 +299,8 @@ class RestorationHead(nn.Module):
     - How many patches are dropped is decided in ``UIT.forward``, not here: SEN keeps
       ``int((1 + N) (1 - r)) - 1`` patches (its class token counts in the masking length) and,
       by an off-by-one in its ``random_masking``, leaves one dropped patch out of the loss
-      mask; tpr keeps ``round(N (1 - r))`` and scores every dropped patch (N = 192, r = 0.7:
-      SEN keeps 56 and scores 135 of its 136 dropped patches; tpr keeps 58, scores 134).
+      mask; tpr keeps the same count and scores every dropped patch (N = 192, r = 0.7: both
+      keep 56; SEN scores 135 of the 136 dropped patches, tpr all 136).
     - Precision: SEN converts the model to fp16 and casts the decoder input to fp16; tpr
       runs in ``distributed.precision``.
     - SEN also builds ``cross_attn_TextImage``, ``cross_attn_Image``, ``norm_3`` and
