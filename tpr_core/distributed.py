@@ -39,6 +39,9 @@ from torch import Tensor
 
 __all__ = ["LOCAL", "BatchScope", "GlobalBatch", "LocalBatch", "batch_scope"]
 
+# torch 2.14 renamed all_gather_into_tensor (which now warns on every call) to all_gather_single.
+_all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gathered gradient over ranks and
@@ -51,7 +54,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ctx.rows = x.shape[0]
         world = dist.get_world_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather_rows(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -128,7 +131,7 @@ class GlobalBatch(BatchScope):
         if t.requires_grad:
             return _AllGatherWithGrad.apply(t, self.group)
         out = t.new_empty((self.world_size * t.shape[0], *t.shape[1:]))
-        dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
+        _all_gather_rows(out, t.contiguous(), group=self.group)
         return out
 
     def mean(self, total: Tensor, count: Tensor | int) -> Tensor:
