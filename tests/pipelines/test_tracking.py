@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,16 @@ def test_env_uri_wins(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow").exists()  # nothing was started or created
 
 
+def _wait_until(check, timeout: float = 20.0) -> bool:
+    """Poll ``check`` every 0.05 s until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _processes_naming(text: str) -> list[int]:
     """Pids whose command line contains ``text`` (read from /proc, Linux)."""
     pids = []
@@ -165,7 +176,8 @@ def test_while_starting_runs_once_while_the_server_boots(tmp_path, monkeypatch):
     seen = []
 
     def during() -> None:
-        seen.append((os.environ.get("MLFLOW_TRACKING_URI"), bool(_processes_naming(db))))
+        # spawned: visible in /proc once the child has exec'd (bounded wait, see below)
+        seen.append((os.environ.get("MLFLOW_TRACKING_URI"), _wait_until(lambda: bool(_processes_naming(db)))))
 
     with tracking.tracking_server(tmp_path, while_starting=during) as uri:
         assert seen == [(None, True)]  # once, the server already spawned, no URI yet
@@ -179,13 +191,15 @@ def test_while_starting_error_stops_the_server(tmp_path, monkeypatch):
     db = str(tmp_path / "mlflow" / "mlflow.db")
 
     def fail() -> None:
-        assert _processes_naming(db)  # spawned
+        # Spawned: the child shows the store in its command line once it has exec'd, which may
+        # be a moment after Popen returns (this failed once in a full run when checked at once).
+        assert _wait_until(lambda: bool(_processes_naming(db))), "the server process never appeared"
         raise RuntimeError("ray could not start")
 
     with pytest.raises(RuntimeError, match="ray could not start"):
         with tracking.tracking_server(tmp_path, while_starting=fail):
             pytest.fail("the block must not run")
-    assert not _processes_naming(db)
+    assert _wait_until(lambda: not _processes_naming(db)), "the server process outlived the error"
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
