@@ -245,8 +245,8 @@ def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_
 
     SGD without momentum and without clipping, so the update is the gradient times the learning
     rate and nothing magnifies rounding (a clipped step also rescales by the gradient norm, itself
-    summed in a different order), nor (Adam's first step is about lr x sign(g), which turns float noise in a
-    near-zero gradient into a full-size difference). The two runs sum the same products in
+    summed in a different order); not Adam, whose first step is about lr x sign(g) and turns float
+    noise in a near-zero gradient into a full-size difference. The two runs sum the same products in
     different orders (two halves all-reduced over gloo against one pass), so they agree to float32
     rounding of the gradient: measured 3-4e-7 against largest updates of 0.44-0.76, inside atol = 1e-5 x
     the largest update (rtol 1e-3). That the same comparison fails with ``loss.gather=local`` is
