@@ -39,7 +39,7 @@ SIZES = {"cuhk": (6156, 3074, 1000), "icfg": (19848, 19848, 1000)}
 NOISE = {"cuhk": (2.2, 2.6, 0.3), "icfg": (2.2, 2.8, 0.35)}
 DIM = 512
 KS = (1, 5, 10)
-METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+from tpr_core.eval.metrics import REPORTED_METRICS as METRIC_KEYS
 
 
 def make_problem(size: str, features: str, seed: int = 0):

@@ -16,7 +16,7 @@ from rich.table import Table
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+from tpr_core.eval.metrics import REPORTED_METRICS as METRICS
 
 
 def _sample_queries(raw_root: str, data_root: str, n: int = 2) -> list[tuple[str, int]]:

@@ -51,8 +51,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking import BEST_TRIAL_TAG
+from tpr_core.eval.metrics import REPORTED_METRICS
+
 MODEL_ARTIFACT_PATH = "model"
-BEST_TRIAL_TAG = "tpr.best_trial_run_id"
 SERVING_MODEL_NAME = "retrieval_model"
 
 CHAMPION = "champion"
@@ -64,7 +66,6 @@ EXIT_KEPT = 3
 
 LOCK_SUFFIX = ".promotion-lock"
 GATE_METRIC = "R1"
-REPORTED_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 SERVING_FILE = Path(__file__).with_name("serving_model.py")
 
 

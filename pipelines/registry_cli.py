@@ -23,7 +23,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.registry import EXIT_KEPT, REPORTED_METRICS
+from pipelines.registry import EXIT_KEPT
+from tpr_core.eval.metrics import REPORTED_METRICS
 
 console = Console()
 err_console = Console(stderr=True)

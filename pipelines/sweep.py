@@ -30,10 +30,10 @@ from typing import Any
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
 from pipelines.storage import exists, local_dir
+from pipelines.tracking import BEST_TRIAL_TAG
 from tpr_core.config import ConfigError, ExperimentConfig
 
 SWEEP_KEY_PREFIX = "sweep:"
-BEST_TRIAL_TAG = "tpr.best_trial_run_id"
 # The trial driver only waits on its TorchTrainer: it reserves a little memory and no CPU, so
 # that N trials of W workers fit exactly on N x W CPUs (a CPU share per driver would leave
 # the last trial's worker group a fraction short of its CPU, waiting forever).

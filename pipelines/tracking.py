@@ -51,6 +51,7 @@ from pipelines.env import scoped_env
 
 RUN_KEY_TAG = "tpr.run_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+BEST_TRIAL_TAG = "tpr.best_trial_run_id"  # on a sweep's parent run: the run id of its best trial
 
 _SERVER_START_TIMEOUT_S = 180.0
 _SERVER_STOP_GRACE_S = 20.0

@@ -30,6 +30,7 @@ from torch import nn
 
 from pipelines.storage import is_uri, local_dir, upload_dir, write_bytes, write_text
 from tpr_core.config import ExperimentConfig, derived_params, flatten
+from tpr_core.eval.metrics import REPORTED_METRICS
 
 _STATE_TAG = "state"
 REDUCE_BUCKET_SIZE = 50_000_000  # elements per gradient reduction bucket (ZeRO 1-3)
@@ -438,7 +439,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch_done, "step": state["step"], "train/throughput": throughput}
         if do_eval:
             res = distributed_evaluate(engine, val_data, tokenizer, cfg, device)
-            val = {f"val/{k}": float(res[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
+            val = {f"val/{k}": float(res[k]) for k in REPORTED_METRICS}
             metrics.update(val)
             state["last_val"] = val
             if val["val/R1"] > state["best_r1"]:
@@ -489,7 +490,7 @@ def train_loop(config: dict[str, Any]) -> None:
         test_data = load_split(cfg.data.root, "test")
         test = distributed_evaluate(engine, test_data, tokenizer, cfg, device)
         val_best = distributed_evaluate(engine, val_data, tokenizer, cfg, device, topk=10)
-        final = {f"test/{k}": float(test[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
+        final = {f"test/{k}": float(test[k]) for k in REPORTED_METRICS}
         probe = _probe_embeddings(engine, test_data, tokenizer, cfg, device)
         state_dict = _consolidated_state_dict(engine, d.zero_stage)
         out: dict[str, Any] = {

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipelines.env import scoped_env
+from tpr_core.eval.metrics import REPORTED_METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 SPLIT = "val"
@@ -103,7 +104,7 @@ def _evaluate(model, cfg, tok, split: str) -> dict[str, float]:
     images = DataLoader(GalleryDataset(data, tuple(cfg.model.image_size)), batch_size=bs, collate_fn=collate)
     texts = DataLoader(QueryDataset(data, tok, cfg.model.text_length), batch_size=bs, collate_fn=collate)
     m = evaluate(model, images, texts).metrics
-    return {f"{split}/{k}": float(m[k]) for k in ("R1", "R5", "R10", "mAP", "mINP")}
+    return {f"{split}/{k}": float(m[k]) for k in REPORTED_METRICS}
 
 
 @functools.cache

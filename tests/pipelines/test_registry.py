@@ -14,6 +14,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from pipelines import registry, tracking  # noqa: E402
 from tests.pipelines import registry_fixtures as fx  # noqa: E402
+from tpr_core.eval.metrics import REPORTED_METRICS  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -133,7 +134,7 @@ def test_registered_model_reproduces_run_metrics(history):
     """The version's re-evaluation on the run's split equals the metrics the run logged."""
     res, _ = history["better"]
     run = mlflow.MlflowClient().get_run(res.source_run_id)
-    for k in registry.REPORTED_METRICS:
+    for k in REPORTED_METRICS:
         assert res.challenger_metrics[k] == pytest.approx(run.data.metrics[f"val/{k}"], abs=1e-4), k
 
 
@@ -151,10 +152,10 @@ def test_rollback(history):
 def test_sweep_resolves_best_trial(runs):
     client = mlflow.MlflowClient()
     sweep = tracking.start_or_resume_run("tpr-registry-tests", "sweep-1", run_name="sweep")
-    client.set_tag(sweep, registry.BEST_TRIAL_TAG, runs["trained"])
+    client.set_tag(sweep, tracking.BEST_TRIAL_TAG, runs["trained"])
     assert registry.resolve_source_run(sweep_run_id=sweep) == runs["trained"]
     bare = tracking.start_or_resume_run("tpr-registry-tests", "sweep-2", run_name="sweep")
-    with pytest.raises(registry.RegistryError, match=registry.BEST_TRIAL_TAG):
+    with pytest.raises(registry.RegistryError, match=tracking.BEST_TRIAL_TAG):
         registry.resolve_source_run(sweep_run_id=bare)
     with pytest.raises(registry.RegistryError, match="exactly one"):
         registry.resolve_source_run(run_id="a", sweep_run_id="b")
@@ -247,7 +248,7 @@ def test_cli_promote_evaluate_rollback(runs, tmp_path):
     registry_cli.register(app)
     cli = CliRunner()
     sweep = tracking.start_or_resume_run("tpr-registry-tests", "sweep-cli", run_name="sweep")
-    mlflow.MlflowClient().set_tag(sweep, registry.BEST_TRIAL_TAG, runs["trained"])
+    mlflow.MlflowClient().set_tag(sweep, tracking.BEST_TRIAL_TAG, runs["trained"])
 
     first = cli.invoke(app, ["promote", "--model-name", "cli", "--sweep", sweep])
     assert first.exit_code == 0, first.output

@@ -80,7 +80,8 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.sweep import BEST_TRIAL_TAG, sweep
+    from pipelines.sweep import sweep
+    from pipelines.tracking import BEST_TRIAL_TAG
     from pipelines.tracking import tracking_server
 
     # 2 epochs: ASHA's rungs (grace 1, factor 2) fall on epochs 1 and 2, the last one included

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpr_core.eval import (
+    REPORTED_METRICS,
     encode_images,
     encode_texts,
     evaluate,
@@ -92,7 +93,7 @@ def test_evaluate_matches_direct_features_and_modes_are_restored():
     assert model.training  # restored
     sim = F.normalize(txt_feats, dim=1) @ F.normalize(img_feats, dim=1).T
     want = retrieval_metrics(sim, tpids, ipids)
-    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+    for key in REPORTED_METRICS:
         assert result.metrics[key] == pytest.approx(want[key], abs=1e-9)
     assert result.metrics["num_queries"] == len(tpids) and result.metrics["num_gallery"] == len(ipids)
     # The top-5 lists are the 5 highest-scoring images per caption.

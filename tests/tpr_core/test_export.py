@@ -17,12 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 CAPTIONS = ["a man in a red coat with a black backpack", "a woman in blue jeans carrying a white bag"] * 8
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make(method: str, seed: int = 0):

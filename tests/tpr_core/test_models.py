@@ -39,13 +39,8 @@ class Tok:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's cores are shared; one thread keeps timings stable.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(old)
 
 
 def _cfg(method: str, **model) -> ExperimentConfig:

@@ -9,6 +9,7 @@ from tpr_core.eval.evaluator import (
     evaluate_features,
 )
 from tpr_core.eval.metrics import (
+    REPORTED_METRICS,
     QueryRanks,
     cmc_curve,
     rank_gallery,
@@ -28,6 +29,7 @@ from tpr_core.eval.pictures import (
 __all__ = [
     "MATCH_COLOR",
     "MISMATCH_COLOR",
+    "REPORTED_METRICS",
     "Encoded",
     "EvalResult",
     "QueryRanks",

@@ -56,6 +56,9 @@ __all__ = [
     "retrieval_metrics_from_features",
 ]
 
+# The metrics every report, gate and table shows, in this order (percent).
+REPORTED_METRICS: tuple[str, ...] = ("R1", "R5", "R10", "mAP", "mINP")
+
 
 @dataclass(frozen=True)
 class QueryRanks:
