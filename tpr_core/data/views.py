@@ -171,39 +171,38 @@ _NUM = set("one two three four five six seven eight nine ten".split())
 _WORD_RE = re.compile(r"[A-Za-z0-9]+(?:[-'][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
 
 
+# The closed classes, looked up in this order (a word in two lexicons takes the first).
+_LEXICON = (
+    ("PRON", _PRON),
+    ("DET", _DET),
+    ("ADP", _ADP),
+    ("CCONJ", _CCONJ),
+    ("AUX", _AUX),
+    ("VERB", _VERB),
+    ("ADV", _ADV),
+    ("NUM", _NUM),
+)
+_ADJ_SUFFIXES = ("-sleeved", "-colored", "-coloured", "-length", "-haired")
+
+
+def _rule_tag(lw: str) -> str:
+    """The tag of one lower-cased word: punctuation, a closed class, an adjective, else a noun."""
+    if not any(c.isalnum() for c in lw):
+        return "PUNCT"
+    for tag, lexicon in _LEXICON:
+        if lw in lexicon:
+            return tag
+    if lw.isdigit():
+        return "NUM"
+    if lw in _ADJ or lw.endswith(_ADJ_SUFFIXES) or ("-" in lw and lw.rsplit("-", 1)[1] in _ADJ):
+        return "ADJ"
+    if lw.endswith("ly") and len(lw) > 4:
+        return "ADV"
+    return "NOUN"
+
+
 def _rule_tags(words: Sequence[str]) -> list[str]:
-    tags = []
-    for w in words:
-        lw = w.lower()
-        if not any(c.isalnum() for c in lw):
-            tags.append("PUNCT")
-        elif lw in _PRON:
-            tags.append("PRON")
-        elif lw in _DET:
-            tags.append("DET")
-        elif lw in _ADP:
-            tags.append("ADP")
-        elif lw in _CCONJ:
-            tags.append("CCONJ")
-        elif lw in _AUX:
-            tags.append("AUX")
-        elif lw in _VERB:
-            tags.append("VERB")
-        elif lw in _ADV:
-            tags.append("ADV")
-        elif lw in _NUM or lw.isdigit():
-            tags.append("NUM")
-        elif (
-            lw in _ADJ
-            or lw.endswith(("-sleeved", "-colored", "-coloured", "-length", "-haired"))
-            or ("-" in lw and lw.rsplit("-", 1)[1] in _ADJ)
-        ):
-            tags.append("ADJ")
-        elif lw.endswith("ly") and len(lw) > 4:
-            tags.append("ADV")
-        else:
-            tags.append("NOUN")
-    return tags
+    return [_rule_tag(w.lower()) for w in words]
 
 
 def _merge_hyphens(tokens: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
