@@ -93,7 +93,8 @@ class Encoded(NamedTuple):
     """Features of one side of a split, in batch order.
 
     Attributes:
-        feats: (N, D) float32 features, not normalised, on the encoding device.
+        feats: (N, D) float32 features, not normalised, on the encoding device (on CPU from
+            :func:`encode_dataset`).
         pids: (N,) long person ids, on CPU.
         ids: per-row ids (``image_ids`` for images, ``index`` for texts) when the batches
             carry them, else None; a (N,) tensor or a list (e.g. string image ids).
@@ -420,14 +421,16 @@ def _encode(encoder: Encoder, batches: Iterable[Mapping[str, Any]], side: str) -
 def _assemble(parts: list[tuple[torch.Tensor, torch.Tensor, Any, list[int]]], n: int) -> Encoded:
     """Every rank's (features, pids, ids, positions) -> one :class:`Encoded` in position order.
 
-    Rows are written rank after rank, so a padding row (a repeated position) holds the
-    features the last rank computed for it."""
+    Rows are written rank after rank, so a repeated (padding) position keeps the row written
+    last for it."""
     feats = torch.zeros(n, parts[0][0].shape[1])
     pids = torch.zeros(n, dtype=torch.int64)
-    has_ids = parts[0][2] is not None
-    ids: Any = [None] * n if has_ids and not torch.is_tensor(parts[0][2]) else None
-    if has_ids and ids is None:
-        ids = torch.zeros(n, dtype=parts[0][2].dtype)
+    first_ids = parts[0][2]
+    ids: Any = None
+    if torch.is_tensor(first_ids):
+        ids = torch.zeros(n, dtype=first_ids.dtype)
+    elif first_ids is not None:
+        ids = [None] * n
     for f, p, i, positions in parts:
         at = torch.as_tensor(positions, dtype=torch.int64)
         feats[at] = f
