@@ -53,7 +53,8 @@ def _rank(rank: int, port: int, cfg_json: dict, tok_dir: str, batches_path: str,
           args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
 
-    from pipelines.worker import _seed_all, _Wrapped, initialize_engine
+    from pipelines.worker.checkpoints import seed_all
+    from pipelines.worker.engine import EngineModule, initialize_engine
     from tpr_core.config import ExperimentConfig
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.distributed import batch_scope
@@ -72,11 +73,11 @@ def _rank(rank: int, port: int, cfg_json: dict, tok_dir: str, batches_path: str,
     terms = list(method_spec(cfg.method).terms)
     engines = {}
     for mode in ("global", "local"):
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         method = build_method(cfg, num_classes, tok)
         opt = build_optimizer(method, cfg.optim)
         sched = build_scheduler(opt, cfg.optim, len(batches), cfg.train.epochs)
-        engines[mode] = initialize_engine(_Wrapped(method, batch_scope(mode)), opt, sched, cfg, micro)
+        engines[mode] = initialize_engine(EngineModule(method, batch_scope(mode)), opt, sched, cfg, micro)
 
     def step(mode: str, i: int) -> float:
         e = engines[mode]

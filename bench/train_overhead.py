@@ -5,8 +5,8 @@ with the same AdamW parameter groups and LambdaLR schedule (``tpr_core.optim``),
 pre-collated batches (built once from the synthetic data with ``TrainDataset`` + ``collate``
 and reused, so data loading is excluded from both):
 
-- ``tpr``: the step body of ``pipelines.worker.train_loop``: the method inside the worker's
-  ``_Wrapped`` module inside a real DeepSpeed engine (``deepspeed.initialize`` with the
+- ``tpr``: the step body of ``pipelines.worker.loop._train_step``: the method inside the worker's
+  ``EngineModule`` inside a real DeepSpeed engine (``deepspeed.initialize`` with the
   worker's ``ds_config``: ZeRO-0, fp32), in one process with a gloo process group of world
   size 1 and ``DS_ACCELERATOR=cpu``; ``engine(batch)``, the weighted sum of the terms,
   ``engine.backward``, ``engine.step`` and the worker's per-step bookkeeping (term values
@@ -135,11 +135,11 @@ def init_process_group() -> None:
 
 
 class TprStep:
-    """The worker's step: ``_Wrapped`` method in a DeepSpeed engine (ZeRO-0, fp32)."""
+    """The worker's step: the method in ``EngineModule`` in a DeepSpeed engine (ZeRO-0, fp32)."""
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, tokenizer: Any, steps_per_epoch: int) -> None:
 
-        from pipelines.worker import _Wrapped, engine_dtype, initialize_engine
+        from pipelines.worker.engine import EngineModule, engine_dtype, initialize_engine
         from tpr_core.models import build_method, method_spec
         from tpr_core.optim import build_optimizer, build_scheduler
 
@@ -148,7 +148,7 @@ class TprStep:
         optimizer = build_optimizer(method, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
         micro = cfg.data.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
-        self.engine = initialize_engine(_Wrapped(method), optimizer, scheduler, cfg, micro)
+        self.engine = initialize_engine(EngineModule(method), optimizer, scheduler, cfg, micro)
         self.engine.module.train()
         self.dtype = engine_dtype(self.engine)
         self.weights = cfg.loss.weights
@@ -164,7 +164,7 @@ class TprStep:
         return self.engine.module.method
 
     def __call__(self, batch: dict[str, torch.Tensor], i: int) -> float:
-        # The body of pipelines.worker.train_loop's inner loop, less the data loader.
+        # The body of pipelines.worker.loop._train_step.
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.dtype != torch.float32:
             batch["images"] = batch["images"].to(self.dtype)
@@ -298,9 +298,10 @@ def real_tpr_train(cfg: ExperimentConfig, tmp: Path, epochs: int, steps_per_epoc
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # no MLflow: the worker's tracker is a no-op
     started = not ray.is_initialized()
     try:
-        run_cfg, paths, loop_config = prepare_run(run_cfg, tmp / "runs", "overhead")
+        paths, job = prepare_run(run_cfg, tmp / "runs", "overhead")
+        run_cfg = job.cfg
         init_ray(num_cpus=2)
-        result = fit(run_cfg, paths, loop_config)
+        result = fit(paths, job)
         if result.error is not None:
             raise result.error
         df = result.metrics_dataframe

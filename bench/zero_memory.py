@@ -4,7 +4,7 @@ Compares 2 workers with ZeRO-3 against 1 worker with ZeRO-0, measured, not compu
 each setting the ranks are launched as real processes (``torch.multiprocessing`` spawn,
 gloo process group, ``DS_ACCELERATOR=cpu``), and each rank does what a tpr worker does
 (``pipelines.worker``): builds the method from the config (``build_method``), wraps it in
-``_Wrapped``, builds the AdamW parameter groups and schedule (``tpr_core.optim``) and calls
+``EngineModule``, builds the AdamW parameter groups and schedule (``tpr_core.optim``) and calls
 ``deepspeed.initialize`` with the worker's ``ds_config`` at the given stage. It then runs
 two training steps on a tiny random batch (``--batch`` per rank at the config's image size
 and text length) so that Adam's state exists, and counts the tensors it holds right after
@@ -201,7 +201,8 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     import deepspeed  # noqa: F401  (imported before the memory baseline)
 
     import tpr_core.models.methods  # noqa: F401  (loads the model code before the baseline)
-    from pipelines.worker import _seed_all, _Wrapped, initialize_engine
+    from pipelines.worker.checkpoints import seed_all
+    from pipelines.worker.engine import EngineModule, initialize_engine
     from tpr_core.config import ExperimentConfig
     from tpr_core.models import build_method, method_spec
     from tpr_core.optim import build_optimizer, build_scheduler
@@ -209,7 +210,7 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     baseline_rss = _proc_status()["VmRSS"]  # libraries and process group, before any model exists
 
     cfg = ExperimentConfig.model_validate(cfg_json)
-    _seed_all(cfg.train.seed)
+    seed_all(cfg.train.seed)
     tokenizer = SimpleNamespace(vocab_size=int(args["vocab"]))
     t0 = time.perf_counter()
     method = build_method(cfg, int(args["num_classes"]), tokenizer)
@@ -217,7 +218,7 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     optimizer = build_optimizer(method, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 100, cfg.train.epochs)
     micro = cfg.data.batch_size // (world * cfg.distributed.grad_accum)
-    engine = initialize_engine(_Wrapped(method), optimizer, scheduler, cfg, micro)
+    engine = initialize_engine(EngineModule(method), optimizer, scheduler, cfg, micro)
     del method, optimizer, scheduler  # the engine holds what it needs
     engine.module.train()
     weights = cfg.loss.weights

@@ -24,9 +24,11 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.job import WorkerJob
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
 from pipelines.storage import exists, local_dir
@@ -57,31 +59,41 @@ def _trial_key(trial_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", trial_id)
 
 
+def trial_job(
+    job: WorkerJob, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None, params: dict[str, Any]
+) -> WorkerJob:
+    """A trial's job: the one ``prepare_run`` built for the trial, a child of the sweep's MLflow
+    run, tagged with the sweep's name and the trial's params."""
+    return replace(
+        job,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        extra_tags={"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)},
+    )
+
+
 def _make_trainable(
-    base: dict[str, Any], runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None,
+    base: ExperimentConfig, runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None,
 ):
-    """The Tune function trainable (closes over plain data only, so it pickles)."""
+    """The Tune function trainable, with the driver resources of a trial (closes over the
+    base config and plain values, so it pickles)."""
+    from ray import tune
 
     def trial(params: dict[str, Any]) -> None:
-        from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from pipelines.train import fit, prepare_run
 
-        ctx = tune.get_context()
-        name = f"{sweep_name}-t{_trial_key(ctx.get_trial_id())}"
-        cfg = trial_config(ExperimentConfig.model_validate(base), params)
-        cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
-        loop_config["parent_run_id"] = parent_run_id
-        loop_config["tracking_uri"] = tracking_uri
+        name = f"{sweep_name}-t{_trial_key(tune.get_context().get_trial_id())}"
+        paths, job = prepare_run(trial_config(base, params), runs_dir, name)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        loop_config["extra_tags"] = {"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)}
-        result = fit(cfg, paths, loop_config, callbacks=[TuneReportCallback()])
+        job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params)
+        result = fit(paths, job, callbacks=[TuneReportCallback()])
         if result.error is not None:
             raise result.error
 
-    return trial
+    return tune.with_resources(trial, TRIAL_DRIVER_RESOURCES)
 
 
 def sweep(
@@ -95,13 +107,6 @@ def sweep(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the best trial's config, metric and MLflow ids."""
-    from ray import tune
-    from ray.tune import TuneConfig
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
     from pipelines import tracking
     from pipelines.setup import absolutize, ensure_dataset, preflight
 
@@ -122,68 +127,105 @@ def sweep(
 
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
     with tracking.tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
-        parent = tracking.start_or_resume_run(
-            cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
-            tags={"tpr.kind": "sweep", "method": cfg.method},
-        )
-        tracking.log_params_flat(parent, {
-            "space.file": str(space_path), "space.metric": space.metric, "space.mode": space.mode,
-            "space.search": space.search, "space.samples": n,
-            "space.scheduler": space.scheduler.model_dump_json(),
-            **{f"space.params.{k}": json.dumps(v) for k, v in space.params.items()},
-        })
-        try:  # the base config of every trial; a resume must repeat it (MLflow params are immutable)
-            tracking.log_params_flat(parent, {"base": cfg.model_dump(mode="json")})
-        except ValueError as e:
-            raise ConfigError(
-                f"sweep {name!r} was started with another base config; --resume needs the same "
-                f"config file and key=value overrides ({e})"
-            ) from None
-        # Slots: what the cluster holds in trials of W workers. A trial stopped by ASHA has its
-        # controller killed with it; Ray Train's placement-group cleaner (it needs the dashboard's
-        # state API, part of ray[default]) then frees its workers for the next trial.
-        concurrency = max_concurrent or default_max_concurrent(cfg)
-        trainable = _make_trainable(cfg.model_dump(mode="json"), str(runs_dir if "://" in str(runs_dir) else paths.runs_dir), name, parent, tracking_uri)
-        trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
+        parent = _start_parent(cfg, space, space_path, name, n)
+        trial_runs_dir = str(runs_dir if "://" in str(runs_dir) else paths.runs_dir)
+        trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri)
         if resume:
-            from ray.tune import Tuner
-
-            tuner = Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = _restored_tuner(exp_dir, trainable)
         else:
-            if space.search == "optuna":
-                searcher = OptunaSearch(seed=seed)
-            else:
-                searcher = BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
-            if space.search == "optuna":
-                searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
-            if space.scheduler.type == "asha":
-                # One report per epoch; the last epoch's carries the final results (test
-                # metrics, export), so a trial's last iteration is its epoch count.
-                scheduler = ASHAScheduler(
-                    time_attr="training_iteration",
-                    max_t=cfg.train.epochs,
-                    grace_period=space.scheduler.grace_period,
-                    reduction_factor=space.scheduler.reduction_factor,
-                )
-            else:
-                scheduler = FIFOScheduler()
-            # The trial table (state, searched params, iteration, epoch, the space's metric) is
-            # Tune's own live output.
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_distributions(space),
-                tune_config=TuneConfig(
-                    metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
-                    num_samples=n, max_concurrent_trials=concurrency,
-                ),
-                run_config=tune.RunConfig(name=name, storage_path=tune_storage),
-            )
+            tuner = _new_tuner(cfg, space, trainable, name, tune_storage, n, max_concurrent, seed)
         grid = tuner.fit()
         summary = _log_parent(grid, space, parent, cfg, name, runs_dir=paths.runs_dir)
         tracking.set_terminated(parent, "FINISHED")
     summary["parent_run_id"] = parent
     summary["sweep_name"] = name
     return summary
+
+
+def _start_parent(cfg: ExperimentConfig, space: SpaceFile, space_path: str | Path, name: str, samples: int) -> str:
+    """Start (or find again, on a resume) the sweep's parent MLflow run and log the space and
+    the base config; returns its id."""
+    from pipelines import tracking
+
+    parent = tracking.start_or_resume_run(
+        cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
+        tags={"tpr.kind": "sweep", "method": cfg.method},
+    )
+    tracking.log_params_flat(parent, {
+        "space.file": str(space_path), "space.metric": space.metric, "space.mode": space.mode,
+        "space.search": space.search, "space.samples": samples,
+        "space.scheduler": space.scheduler.model_dump_json(),
+        **{f"space.params.{k}": json.dumps(v) for k, v in space.params.items()},
+    })
+    try:  # the base config of every trial; a resume must repeat it (MLflow params are immutable)
+        tracking.log_params_flat(parent, {"base": cfg.model_dump(mode="json")})
+    except ValueError as e:
+        raise ConfigError(
+            f"sweep {name!r} was started with another base config; --resume needs the same "
+            f"config file and key=value overrides ({e})"
+        ) from None
+    return parent
+
+
+def _restored_tuner(exp_dir: str, trainable: Any) -> Any:
+    """The Tuner of an interrupted sweep, continuing its unfinished and errored trials."""
+    from ray.tune import Tuner
+
+    return Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+
+
+def _new_tuner(
+    cfg: ExperimentConfig, space: SpaceFile, trainable: Any, name: str, tune_storage: str,
+    samples: int, max_concurrent: int | None, seed: int,
+) -> Any:
+    """A Tuner of ``samples`` trials: the space's searcher and scheduler, as many trials at once
+    as the cluster holds (or ``max_concurrent``)."""
+    from ray import tune
+    from ray.tune import TuneConfig
+
+    # Slots: what the cluster holds in trials of W workers. A trial stopped by ASHA has its
+    # controller killed with it; Ray Train's placement-group cleaner (it needs the dashboard's
+    # state API, part of ray[default]) then frees its workers for the next trial.
+    concurrency = max_concurrent or default_max_concurrent(cfg)
+    # The trial table (state, searched params, iteration, epoch, the space's metric) is
+    # Tune's own live output.
+    return tune.Tuner(
+        trainable,
+        param_space=tune_distributions(space),
+        tune_config=TuneConfig(
+            metric=space.metric, mode=space.mode, search_alg=_searcher(space, concurrency, seed),
+            scheduler=_scheduler(cfg, space), num_samples=samples, max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=tune_storage),
+    )
+
+
+def _searcher(space: SpaceFile, concurrency: int, seed: int) -> Any:
+    """Optuna TPE (limited to ``concurrency`` trials at once) or random search, seeded."""
+    if space.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+
+
+def _scheduler(cfg: ExperimentConfig, space: SpaceFile) -> Any:
+    """ASHA over epochs, or FIFO (every trial runs to the end)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler.type != "asha":
+        return FIFOScheduler()
+    # One report per epoch; the last epoch's carries the final results (test metrics,
+    # export), so a trial's last iteration is its epoch count.
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+    )
 
 
 def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig, name: str, runs_dir: Path) -> dict:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.job import WorkerJob
 from pipelines.setup import (
     RunPaths,
     absolutize,
@@ -26,8 +30,10 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run(cfg: ExperimentConfig, runs_dir: str | Path, name: str) -> tuple[ExperimentConfig, RunPaths, dict]:
-    """Everything checked and on disk before any worker starts; returns the loop config base."""
+def prepare_run(cfg: ExperimentConfig, runs_dir: str | Path, name: str) -> tuple[RunPaths, WorkerJob]:
+    """Everything checked and on disk before any worker starts; returns the run's paths and
+    the workers' job (the one place a :class:`WorkerJob` is built; its ``cfg`` is ``cfg``
+    resolved)."""
     cfg = absolutize(cfg)
     preflight(cfg)
     paths = run_paths(runs_dir, name)
@@ -39,50 +45,63 @@ def prepare_run(cfg: ExperimentConfig, runs_dir: str | Path, name: str) -> tuple
                 upload_dir(ensure_tokenizer(cfg, str(Path(tmp, "tokenizer"))), tok_dir)
     else:
         tok_dir = ensure_tokenizer(cfg, str(paths.runs_dir / "tokenizers" / name))
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "run_name": name,
-        "tokenizer_dir": tok_dir,
-        "model_dir": paths.model_dir,
-        "result_path": f"{paths.run_dir}/result.json",
-        "probe_path": f"{paths.run_dir}/probe.safetensors",
-        "manifest_hash": manifest.get("content_hash", ""),
-        "git_commit": git_commit(),
-    }
-    return cfg, paths, loop_config
+    job = WorkerJob(
+        cfg=cfg,
+        run_name=name,
+        tokenizer_dir=tok_dir,
+        model_dir=paths.model_dir,
+        result_path=f"{paths.run_dir}/result.json",
+        probe_path=f"{paths.run_dir}/probe.safetensors",
+        manifest_hash=manifest.get("content_hash", ""),
+        git_commit=git_commit(),
+    )
+    return paths, job
 
 
-def fit(cfg: ExperimentConfig, paths: RunPaths, loop_config: dict, callbacks: list | None = None) -> Any:
-    """Build the TorchTrainer (the same for train and sweep) and run it; returns Ray's Result."""
+def fit(
+    paths: RunPaths,
+    job: WorkerJob,
+    callbacks: list | None = None,
+    train_fn: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """Build the TorchTrainer (the same for train and sweep) and run it; returns Ray's Result.
+
+    ``train_fn`` is what every worker runs with ``job.loop_config()``; default
+    ``pipelines.worker.train_loop``.
+    """
     from ray.train.torch import TorchTrainer
 
     from pipelines.worker import train_loop
 
-    scaling, run = ray_configs(cfg, paths, callbacks)
-    trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    scaling, run = ray_configs(job.cfg, paths, callbacks)
+    trainer = TorchTrainer(
+        train_fn or train_loop, train_loop_config=job.loop_config(), scaling_config=scaling, run_config=run
+    )
     return trainer.fit()
 
 
 def train(
-    cfg: ExperimentConfig, runs_dir: str | Path = "runs", name: str | None = None, extra: dict | None = None
+    cfg: ExperimentConfig,
+    runs_dir: str | Path = "runs",
+    name: str | None = None,
+    train_fn: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one training end to end; returns the final metrics (test/*, best/*, model_dir, run id)."""
+    """Run one training end to end; returns the final metrics (test/*, best/*, model_dir, run id).
+
+    ``train_fn``: what every worker runs (see :func:`fit`).
+    """
+    from pipelines.storage import read_text
     from pipelines.tracking import tracking_server
 
     name = name or default_run_name(cfg)
-    cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
-    loop_config.update(extra or {})
-    # Ray starts while the MLflow server boots; the workers get the URI from loop_config.
+    paths, job = prepare_run(cfg, runs_dir, name)
+    # Ray starts while the MLflow server boots; the workers get the URI from their job.
     with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
-        loop_config["tracking_uri"] = uri
-        result = fit(cfg, paths, loop_config)
+        job = replace(job, tracking_uri=uri)
+        result = fit(paths, job, train_fn=train_fn)
     if result.error is not None:
         raise result.error
-    import json
-
-    from pipelines.storage import read_text
-
-    metrics = json.loads(read_text(loop_config["result_path"]))
+    metrics = json.loads(read_text(job.result_path))
     metrics["run_name"] = name
     metrics["run_dir"] = paths.run_dir
     return metrics

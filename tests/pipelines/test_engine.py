@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed, torch, torch.distributed as dist
     from torch import nn
-    from pipelines.worker import ds_config, initialize_engine
+    from pipelines.worker.engine import ds_config, initialize_engine
     from tpr_core.config import load_config
 
     dist.init_process_group("gloo", rank=0, world_size=1)

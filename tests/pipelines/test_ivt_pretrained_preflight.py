@@ -56,12 +56,13 @@ def test_prepare_run_writes_the_bert_tokenizer(synth_data, ckpts, tmp_path, monk
     # Relative paths, as on a command line: resolved before the workers (elsewhere) read them.
     monkeypatch.chdir(ckpts["tmp"])
     cfg = _cfg(synth_data, model__pretrained="vit/model.safetensors", model__pretrained_text="bert")
-    cfg, paths, loop = prepare_run(cfg, tmp_path / "runs", "ivt-bert")
+    _, job = prepare_run(cfg, tmp_path / "runs", "ivt-bert")
+    cfg = job.cfg
     assert cfg.model.pretrained == str(ckpts["vit"] / "model.safetensors")
     assert cfg.model.pretrained_text == str(ckpts["bert"])
-    assert loop["cfg"]["model"]["pretrained_text"] == str(ckpts["bert"])
+    assert job.cfg.model.pretrained_text == str(ckpts["bert"])
 
-    tok_dir = Path(loop["tokenizer_dir"])
+    tok_dir = Path(job.tokenizer_dir)
     meta = json.loads((tok_dir / "tpr_tokenizer.json").read_text())
     assert meta["kind"] == "bert" and meta["max_length"] == 48
     assert meta["tokens"] == {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
@@ -75,10 +76,10 @@ def test_prepare_run_writes_the_bert_tokenizer(synth_data, ckpts, tmp_path, monk
     assert not (tmp_path / "runs" / "ray").exists()
 
     # A ViT without a BERT: the preflight takes the ViT file, the tokenizer is trained on the captions.
-    cfg, _, loop = prepare_run(
+    _, job = prepare_run(
         _cfg(synth_data, model__pretrained=str(ckpts["vit"])), tmp_path / "runs", "ivt-vit"
     )
-    assert json.loads((Path(loop["tokenizer_dir"]) / "tpr_tokenizer.json").read_text())["kind"] == "bpe"
+    assert json.loads((Path(job.tokenizer_dir) / "tpr_tokenizer.json").read_text())["kind"] == "bpe"
 
 
 def test_missing_checkpoint_files_fail_before_ray(synth_data, ckpts, tmp_path, no_ray):

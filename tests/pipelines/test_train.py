@@ -155,6 +155,40 @@ def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path,
     assert len(list(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
 
 
+class DieAfterEpoch:
+    """A worker's train function: the real loop, whose last rank kills its own process right
+    after reporting epoch ``epoch`` (once: the marker file records it). It wraps
+    ``ray.train.report`` inside the worker process, so the loop itself carries no test hook."""
+
+    def __init__(self, epoch: int, marker: Path) -> None:
+        self.epoch = epoch
+        self.marker = marker
+
+    def __call__(self, loop_config: dict) -> None:
+        import os
+
+        import ray.train
+
+        from pipelines.worker import train_loop
+
+        report = ray.train.report
+
+        def report_then_die(metrics: dict, *args, **kwargs) -> None:
+            report(metrics, *args, **kwargs)
+            ctx = ray.train.get_context()
+            last_rank = ctx.get_world_rank() == ctx.get_world_size() - 1
+            if metrics.get("epoch") == self.epoch and "test/R1" not in metrics and last_rank:
+                if not self.marker.exists():
+                    self.marker.write_text("killed")
+                    os._exit(1)
+
+        ray.train.report = report_then_die
+        try:
+            train_loop(loop_config)
+        finally:
+            ray.train.report = report
+
+
 def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_path):
     from pipelines.train import train
 
@@ -168,7 +202,7 @@ def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_pa
         train__log_every=1,
     )
     marker = tmp_path / "killed"
-    m = train(cfg, runs_dir=tmp_path, name="kill", extra={"fail_at_epoch": 2, "fail_marker": str(marker)})
+    m = train(cfg, runs_dir=tmp_path, name="kill", train_fn=DieAfterEpoch(2, marker))
     assert marker.exists(), "the worker was not killed"
     assert m["best/epoch"] in (1, 2, 3)
     # The last epoch and the final results are one report (its checkpoint is the last epoch's),
@@ -205,7 +239,7 @@ def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
     from ray.train import TrainingFailedError
 
     with pytest.raises(TrainingFailedError):
-        train(cfg, runs_dir=tmp_path, name="crash", extra={"fail_at_epoch": 1, "fail_marker": str(marker)})
+        train(cfg, runs_dir=tmp_path, name="crash", train_fn=DieAfterEpoch(1, marker))
     assert marker.exists()
     m = train(cfg, runs_dir=tmp_path, name="crash")
     assert m["test/R1"] >= 0
@@ -256,7 +290,7 @@ def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_
     from safetensors.torch import load_file
 
     from pipelines.train import train
-    from pipelines.worker import _seed_all
+    from pipelines.worker.checkpoints import seed_all
     from tpr_core.data.dataset import load_split, train_identity_count
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.models import build_method
@@ -273,7 +307,7 @@ def test_first_step_of_two_workers_equals_one_worker(ray_local, synth_data, tmp_
         m = train(cfg, runs_dir=tmp_path, name=name)
         after = load_file(Path(m["model_dir"]) / "model.safetensors")
         tok = Tokenizer.load(tmp_path / "tokenizers" / name)
-        _seed_all(cfg.train.seed)  # as every worker does before building the model
+        seed_all(cfg.train.seed)  # as every worker does before building the model
         init = build_method(cfg, train_identity_count(load_split(cfg.data.root, "train")), tok).state_dict()
         return {k: after[k] - init[k] for k in init}
 

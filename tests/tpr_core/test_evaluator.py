@@ -215,3 +215,102 @@ def test_bad_batches_name_the_batch():
                 {"images": torch.zeros(1, 3, 4, 2), "pids": torch.tensor([1])},
             ],
         )
+
+
+# --------------------------------------------------------------------------- the split path
+
+
+class ItemsDataset(torch.utils.data.Dataset):
+    """Item dicts from equal-length fields (what GalleryDataset / QueryDataset hand out)."""
+
+    def __init__(self, **fields) -> None:
+        self.fields = fields
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] if torch.is_tensor(v[i]) and v[i].dim() else int(v[i]) for k, v in self.fields.items()}
+
+
+def split_datasets(seed: int = 0):
+    images, ipids, tids, tmask, tpids = make_split(seed=seed)
+    gallery = ItemsDataset(images=images, pids=ipids, image_ids=100 + torch.arange(len(ipids)))
+    queries = ItemsDataset(text_ids=tids, text_mask=tmask, pids=tpids, index=torch.arange(len(tpids)))
+    return (images, ipids, tids, tmask, tpids), gallery, queries
+
+
+def test_one_process_encode_and_rank_equals_evaluate():
+    from tpr_core.eval import encode_dataset, module_encoder, rank_encoded
+
+    (images, ipids, tids, tmask, tpids), gallery, queries = split_datasets(seed=2)
+    model = TinyModel().train()
+    old = evaluate(
+        model,
+        batches_of(4, images=images, pids=ipids, image_ids=100 + torch.arange(len(ipids))),
+        batches_of(4, text_ids=tids, text_mask=tmask, pids=tpids, index=torch.arange(len(tpids))),
+        return_topk=5,
+    )
+    encoder = module_encoder(model)
+    imgs = encode_dataset(encoder, gallery, "image", batch_size=4)
+    txts = encode_dataset(encoder, queries, "text", batch_size=4)
+    new = rank_encoded(imgs, txts, return_topk=5, device="cpu")
+    assert model.training  # restored
+    assert new.metrics == old.metrics
+    assert torch.equal(new.t2i.topk_indices, old.t2i.topk_indices)
+    assert torch.equal(new.t2i.match_ranks, old.t2i.match_ranks)
+    assert torch.equal(new.image_ids, old.image_ids) and torch.equal(new.text_ids, old.text_ids)
+    assert torch.equal(imgs.feats, encode_images(model, batches_of(4, images=images, pids=ipids)).feats)
+
+
+def test_shard_positions_cover_every_row_with_equal_shares():
+    from tpr_core.eval import shard_positions
+
+    for n, world in [(13, 2), (12, 3), (5, 4), (1, 2)]:
+        shares = [shard_positions(n, r, world) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # the same number of forwards on every rank
+        assert sorted(set().union(*shares)) == list(range(n))
+    assert shard_positions(5, 1, 2) == [1, 3, 4]  # every second row, the last one as padding
+
+
+def test_sharded_encode_with_a_fake_two_rank_gather_reassembles_the_one_process_features():
+    """Two threads play two ranks; the gather hands each rank both ranks' shares, as an
+    all-gather does. Batches of 1, so every row is computed exactly as in one process."""
+    import copy
+    import threading
+
+    from tpr_core.eval import encode_dataset, module_encoder
+
+    _, gallery, queries = split_datasets(seed=4)  # 13 images: rank 1 pads its last row
+    model = TinyModel()
+    world = 2
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+
+    def gather_of(rank: int):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            parts = list(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return parts
+
+        return gather
+
+    for dataset, side in ((gallery, "image"), (queries, "text")):
+        whole = encode_dataset(module_encoder(model), dataset, side, batch_size=1)
+        out: list = [None] * world
+
+        def run(rank: int, dataset=dataset, side=side, out=out) -> None:
+            encoder = module_encoder(copy.deepcopy(model))  # each rank its own module, as in a worker
+            out[rank] = encode_dataset(encoder, dataset, side, 1, rank=rank, world=world, gather=gather_of(rank))
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for got in out:
+            assert torch.equal(got.feats, whole.feats)
+            assert torch.equal(got.pids, whole.pids) and torch.equal(got.ids, whole.ids)
+        assert len(whole.pids) == len(dataset)

@@ -1,12 +1,22 @@
-"""Evaluation: exact retrieval metrics, the single-process evaluator, and retrieval pictures."""
+"""Evaluation: exact retrieval metrics, the encode-and-rank path (one process or sharded over
+ranks), and retrieval pictures."""
 
 from tpr_core.eval.evaluator import (
     Encoded,
+    Encoder,
     EvalResult,
+    Gather,
+    encode_dataset,
     encode_images,
+    encode_split,
     encode_texts,
     evaluate,
     evaluate_features,
+    evaluate_split,
+    gather_local,
+    module_encoder,
+    rank_encoded,
+    shard_positions,
 )
 from tpr_core.eval.metrics import (
     REPORTED_METRICS,
@@ -31,14 +41,22 @@ __all__ = [
     "MISMATCH_COLOR",
     "REPORTED_METRICS",
     "Encoded",
+    "Encoder",
     "EvalResult",
+    "Gather",
     "QueryRanks",
     "choose_queries",
     "cmc_curve",
+    "encode_dataset",
     "encode_images",
+    "encode_split",
     "encode_texts",
     "evaluate",
     "evaluate_features",
+    "evaluate_split",
+    "gather_local",
+    "module_encoder",
+    "rank_encoded",
     "rank_gallery",
     "rank_gallery_from_features",
     "recall_curve",
@@ -46,4 +64,5 @@ __all__ = [
     "retrieval_grid_from_ranks",
     "retrieval_metrics",
     "retrieval_metrics_from_features",
+    "shard_positions",
 ]

@@ -1,8 +1,13 @@
 """Evaluate a retrieval model on one split: encode the gallery and the queries, then rank.
 
-Single-process. The distributed variant (each worker encodes a share, then gathers)
-lives with the training loop; after gathering it calls :func:`evaluate_features`,
-which is also what :func:`evaluate` calls after encoding.
+One path encodes: :func:`encode_dataset` runs an :class:`Encoder` (a plain module's
+``encode_image``/``encode_text``, or any ``forward(batch, side)`` such as a DeepSpeed
+engine) over a dataset, or over one rank's equal share of it, and reassembles the
+features of every rank through a ``gather`` callable (one process: :func:`gather_local`;
+the training workers pass an all-gather across ranks). :func:`encode_split` does so for a
+split's gallery and queries, :func:`evaluate_split` ranks them in one process, and
+:func:`evaluate_features` turns features into metrics. :func:`evaluate` encodes
+ready-made batches instead of a split.
 
 Gallery images come from a table with one row per (image, caption), and samplers may pad
 a split to divide evenly among workers, so both sides can hold repeated rows. When ids are
@@ -12,7 +17,8 @@ keeping the first occurrence, so each image and each caption counts once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,14 +28,73 @@ from torch import nn
 
 from tpr_core.eval.metrics import QueryRanks, rank_gallery_from_features
 
-__all__ = ["Encoded", "EvalResult", "encode_images", "encode_texts", "evaluate", "evaluate_features"]
+__all__ = [
+    "Encoded",
+    "Encoder",
+    "EvalResult",
+    "Gather",
+    "encode_dataset",
+    "encode_images",
+    "encode_split",
+    "encode_texts",
+    "evaluate",
+    "evaluate_features",
+    "evaluate_split",
+    "gather_local",
+    "module_encoder",
+    "rank_encoded",
+    "shard_positions",
+]
+
+Forward = Callable[[dict[str, torch.Tensor], str], torch.Tensor]
+"""``forward(batch, side)``: (B, D) features of a batch on the encoding device; ``side`` is
+``"image"`` (the batch holds ``images``) or ``"text"`` (``text_ids``, ``text_mask``)."""
+
+Gather = Callable[[Any], list[Any]]
+"""``gather(obj)``: every rank's ``obj``, in rank order (all ranks call it together)."""
+
+# side -> (what a message calls its batches, the batch field that identifies a row)
+_SIDES = {"image": ("images", "image_ids"), "text": ("texts", "index")}
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """What encodes a batch.
+
+    Attributes:
+        module: put in eval mode while encoding (its train/eval mode is restored afterwards).
+        forward: see :data:`Forward`.
+        device: where batches go; None: the device of ``module``'s parameters.
+    """
+
+    module: nn.Module
+    forward: Forward
+    device: torch.device | None = None
+
+
+def module_encoder(model: nn.Module, device: torch.device | str | None = None) -> Encoder:
+    """The :class:`Encoder` of a plain module with ``encode_image(images)`` and
+    ``encode_text(text_ids, text_mask)`` (see ``tpr_core.models``)."""
+
+    def forward(batch: dict[str, torch.Tensor], side: str) -> torch.Tensor:
+        if side == "image":
+            return model.encode_image(batch["images"])
+        return model.encode_text(batch["text_ids"], batch["text_mask"])
+
+    return Encoder(model, forward, torch.device(device) if device is not None else None)
+
+
+def gather_local(obj: Any) -> list[Any]:
+    """The :data:`Gather` of a single process: its own object, alone."""
+    return [obj]
 
 
 class Encoded(NamedTuple):
     """Features of one side of a split, in batch order.
 
     Attributes:
-        feats: (N, D) float32 features, not normalised, on the encoding device.
+        feats: (N, D) float32 features, not normalised, on the encoding device (on CPU from
+            :func:`encode_dataset`).
         pids: (N,) long person ids, on CPU.
         ids: per-row ids (``image_ids`` for images, ``index`` for texts) when the batches
             carry them, else None; a (N,) tensor or a list (e.g. string image ids).
@@ -78,7 +143,7 @@ def encode_images(
     Returns:
         Features (on ``device``), pids and image ids (None when the batches have none).
     """
-    return _encode(model, batches, device, "images", lambda m, b: m.encode_image(b["images"]), "image_ids")
+    return _encode(module_encoder(model, device), batches, "image")
 
 
 def encode_texts(
@@ -95,9 +160,7 @@ def encode_texts(
     Returns:
         Features (on ``device``), pids and row indices (None when the batches have none).
     """
-    return _encode(
-        model, batches, device, "texts", lambda m, b: m.encode_text(b["text_ids"], b["text_mask"]), "index"
-    )
+    return _encode(module_encoder(model, device), batches, "text")
 
 
 def evaluate_features(
@@ -191,19 +254,124 @@ def evaluate(
     """
     images = encode_images(model, image_batches, device)
     texts = encode_texts(model, text_batches, device)
-    return evaluate_features(
-        images.feats,
-        images.pids,
-        texts.feats,
-        texts.pids,
-        ks=ks,
-        return_topk=return_topk,
-        i2t=i2t,
-        image_ids=images.ids,
-        text_ids=texts.ids,
-        chunk_size=chunk_size,
-        device=images.feats.device,
+    return rank_encoded(
+        images, texts, ks=ks, return_topk=return_topk, i2t=i2t, chunk_size=chunk_size, device=images.feats.device
     )
+
+
+def rank_encoded(
+    images: Encoded, texts: Encoded, device: torch.device | str | None = None, **kwargs: Any
+) -> EvalResult:
+    """:func:`evaluate_features` of encoded gallery images and queries (their ids included);
+    ``kwargs`` are :func:`evaluate_features`'s ``ks``, ``return_topk``, ``i2t``, ``chunk_size``."""
+    return evaluate_features(
+        images.feats, images.pids, texts.feats, texts.pids,
+        image_ids=images.ids, text_ids=texts.ids, device=device, **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- a split
+
+
+def shard_positions(n: int, rank: int, world: int) -> list[int]:
+    """Positions of ``range(n)`` that ``rank`` of ``world`` encodes: every ``world``-th from
+    ``rank``, ceil(n / world) of them on every rank (the last position repeated as padding),
+    so that all ranks run the same number of forwards (ZeRO-3 gathers weights collectively)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    per = math.ceil(n / world)
+    return [min(i * world + rank, n - 1) for i in range(per)]
+
+
+def encode_dataset(
+    encoder: Encoder,
+    dataset: Any,
+    side: str,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    gather: Gather = gather_local,
+) -> Encoded:
+    """Encode every item of ``dataset``, in dataset order; features on CPU.
+
+    With ``world > 1`` this rank encodes its share (:func:`shard_positions`) and ``gather``
+    brings every rank's share; rows are put back in dataset order (padding dropped).
+
+    Args:
+        encoder: what encodes (:func:`module_encoder` for a plain module).
+        dataset: map-style dataset of item dicts (``GalleryDataset``, ``QueryDataset``),
+            batched with ``tpr_core.data.dataset.collate``.
+        side: ``"image"`` or ``"text"`` (see :data:`Forward`).
+        batch_size: items per forward.
+        rank, world: this rank and the number of ranks.
+        gather: see :data:`Gather`; all ranks must call this function together.
+
+    Returns:
+        (N, D) float32 features, (N,) pids and the rows' ids, N = ``len(dataset)``.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from tpr_core.data.dataset import collate
+
+    n = len(dataset)
+    positions = shard_positions(n, rank, world)
+    share = dataset if world == 1 else Subset(dataset, positions)
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    enc = _encode(encoder, loader, side)
+    parts = gather((enc.feats.cpu(), enc.pids, enc.ids, positions))
+    return _assemble(parts, n)
+
+
+def encode_split(
+    encoder: Encoder,
+    split_data: Any,
+    tokenizer: Any,
+    image_size: Sequence[int],
+    text_length: int,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    gather: Gather = gather_local,
+) -> tuple[Encoded, Encoded]:
+    """Encode a split's gallery (its unique images) and queries (every caption) with
+    :func:`encode_dataset`; returns (images, texts), each in split order.
+
+    Args:
+        encoder: what encodes.
+        split_data: a ``tpr_core.data.dataset.SplitData``.
+        tokenizer: the model's ``tpr_core.data.tokenizer.Tokenizer``.
+        image_size: (H, W) the model takes.
+        text_length: caption tokens the model takes.
+        batch_size, rank, world, gather: see :func:`encode_dataset`.
+    """
+    from tpr_core.data.dataset import GalleryDataset, QueryDataset
+
+    gallery = GalleryDataset(split_data, (int(image_size[0]), int(image_size[1])))
+    queries = QueryDataset(split_data, tokenizer, text_length)
+    images = encode_dataset(encoder, gallery, "image", batch_size, rank, world, gather)
+    texts = encode_dataset(encoder, queries, "text", batch_size, rank, world, gather)
+    return images, texts
+
+
+def evaluate_split(
+    model: nn.Module,
+    split_data: Any,
+    tokenizer: Any,
+    image_size: Sequence[int],
+    text_length: int,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    return_topk: int = 0,
+) -> EvalResult:
+    """Encode a split with a plain module in this process (:func:`encode_split`), then rank
+    text-to-image on ``device`` (default: the model's device).
+
+    Returns:
+        An :class:`EvalResult`; ``metrics`` holds ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``.
+    """
+    encoder = module_encoder(model, device)
+    images, texts = encode_split(encoder, split_data, tokenizer, image_size, text_length, batch_size)
+    return rank_encoded(images, texts, return_topk=return_topk, device=_device_of(encoder))
 
 
 # --------------------------------------------------------------------------- internals
@@ -215,8 +383,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _encode(model, batches, device, what: str, forward, id_key: str) -> Encoded:
-    dev = torch.device(device) if device is not None else _model_device(model)
+def _device_of(encoder: Encoder) -> torch.device:
+    return encoder.device if encoder.device is not None else _model_device(encoder.module)
+
+
+def _encode(encoder: Encoder, batches: Iterable[Mapping[str, Any]], side: str) -> Encoded:
+    what, id_key = _SIDES[side]
+    dev = _device_of(encoder)
+    model = encoder.module
     was_training = model.training
     model.eval()
     feats, pids, ids = [], [], []
@@ -228,7 +402,7 @@ def _encode(model, batches, device, what: str, forward, id_key: str) -> Encoded:
                 moved = {
                     k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
                 }
-                out = forward(model, moved)
+                out = encoder.forward(moved, side)
                 if out.dim() != 2 or out.shape[0] != len(batch["pids"]):
                     raise ValueError(
                         f"{what} batch {i}: encoder returned shape {tuple(out.shape)}, "
@@ -242,6 +416,31 @@ def _encode(model, batches, device, what: str, forward, id_key: str) -> Encoded:
     if not feats:
         raise ValueError(f"no {what} batches to encode")
     return Encoded(torch.cat(feats), torch.cat(pids).to(torch.int64), _concat_ids(ids, what, id_key))
+
+
+def _assemble(parts: list[tuple[torch.Tensor, torch.Tensor, Any, list[int]]], n: int) -> Encoded:
+    """Every rank's (features, pids, ids, positions) -> one :class:`Encoded` in position order.
+
+    Rows are written rank after rank, so a repeated (padding) position keeps the row written
+    last for it."""
+    feats = torch.zeros(n, parts[0][0].shape[1])
+    pids = torch.zeros(n, dtype=torch.int64)
+    first_ids = parts[0][2]
+    ids: Any = None
+    if torch.is_tensor(first_ids):
+        ids = torch.zeros(n, dtype=first_ids.dtype)
+    elif first_ids is not None:
+        ids = [None] * n
+    for f, p, i, positions in parts:
+        at = torch.as_tensor(positions, dtype=torch.int64)
+        feats[at] = f
+        pids[at] = p
+        if isinstance(ids, list):
+            for pos, key in zip(positions, i, strict=True):
+                ids[pos] = key
+        elif ids is not None:
+            ids[at] = i
+    return Encoded(feats, pids, ids)
 
 
 def _concat_ids(ids: list, what: str, id_key: str) -> torch.Tensor | list | None:
