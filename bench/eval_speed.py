@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tpr_core.eval.metrics import REPORTED_METRICS as METRIC_KEYS
+
 # (num_queries, num_images, num_ids) of the test splits.
 SIZES = {"cuhk": (6156, 3074, 1000), "icfg": (19848, 19848, 1000)}
 # (image noise, caption noise, log-normal spread of the noise) for --features clustered.
 NOISE = {"cuhk": (2.2, 2.6, 0.3), "icfg": (2.2, 2.8, 0.35)}
 DIM = 512
 KS = (1, 5, 10)
-from tpr_core.eval.metrics import REPORTED_METRICS as METRIC_KEYS
 
 
 def make_problem(size: str, features: str, seed: int = 0):

@@ -14,9 +14,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tpr_core.eval.metrics import REPORTED_METRICS as METRICS
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
-from tpr_core.eval.metrics import REPORTED_METRICS as METRICS
 
 
 def _sample_queries(raw_root: str, data_root: str, n: int = 2) -> list[tuple[str, int]]:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from tpr_core import losses
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

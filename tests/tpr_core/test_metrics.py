@@ -16,7 +16,6 @@ from tpr_core.eval import (
     retrieval_metrics_from_features,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
