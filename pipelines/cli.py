@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tpr_core.config import ConfigError
+from tpr_core.data.formats import FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Text-based person retrieval pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate or prepare datasets.")
@@ -58,7 +59,7 @@ def data_synth(
 
 @data_app.command("prepare")
 def data_prepare(
-    fmt: str = typer.Option(..., "--format", help="cuhk-pedes | icfg-pedes | rstpreid"),
+    fmt: str = typer.Option(..., "--format", help=" | ".join(FORMATS)),
     root: Path = typer.Option(..., "--root", help="Raw dataset folder as distributed."),
     out: Path = typer.Option(..., "--out", help="Output folder for Parquet shards + _manifest.json."),
     shard_rows: int = typer.Option(2048, "--shard-rows", min=1, help="Rows per Parquet shard."),

@@ -109,8 +109,8 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 def ensure_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     """The prepared dataset's manifest; the synthetic set is generated and prepared on first use."""
-    from tpr_core.data.parquet_io import read_manifest
     from tpr_core.data.prepare import prepare
+    from tpr_core.data.store import read_manifest
 
     root = cfg.data.root
     try:

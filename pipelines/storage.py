@@ -4,43 +4,31 @@ Ray Train writes checkpoints to ``--runs-dir`` itself; what tpr writes there bes
 run's tokenizer, the exported model, ``result.json``) goes through these helpers, so that a
 sweep on a cluster with ``--runs-dir s3://BUCKET/runs`` needs no shared file system: workers
 on other nodes read the tokenizer from the bucket, and the driver and the registry find the
-exported model there.
+exported model there. Paths and URIs are told apart and resolved by :mod:`tpr_core.data.store`
+(:func:`~tpr_core.data.store.is_uri`, :func:`~tpr_core.data.store.resolve`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+import pyarrow.fs as pafs
 
-
-def is_uri(path: str | Path) -> bool:
-    return bool(_URI.match(str(path)))
-
-
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
+from tpr_core.data.store import is_uri, resolve
 
 
 def exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write a file (parents created) to a local path or a URI."""
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(data)
@@ -51,16 +39,14 @@ def write_text(path: str, text: str) -> None:
 
 
 def read_text(path: str) -> str:
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
         return f.read().decode()
 
 
 def upload_dir(local_dir: str | Path, dest: str) -> None:
     """Copy a local folder's files to ``dest`` (a URI or a local path), replacing what is there."""
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(dest)
+    fs, p = resolve(dest)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
     fs.create_dir(p, recursive=True)
@@ -76,15 +62,13 @@ def local_dir(path: str, cache_root: str | Path | None = None) -> str:
     """
     if not is_uri(path):
         return path
-    import pyarrow.fs as pafs
-
     root = Path(cache_root or Path(tempfile.gettempdir()) / "tpr-remote")
     out = root / hashlib.sha1(path.encode()).hexdigest()[:16]
     if out.is_dir():
         return str(out)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileNotFoundError(f"{path}: no such folder")

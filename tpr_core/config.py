@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tpr_core.data.formats import FORMATS
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key named in the message."""
@@ -177,7 +179,7 @@ class SynthConfig(_Strict):
 class DataConfig(_Strict):
     """Where the data is and how batches are drawn."""
 
-    format: Literal["synthetic", "cuhk-pedes", "icfg-pedes", "rstpreid"] = Field(
+    format: Literal[("synthetic", *FORMATS)] = Field(  # the source formats of tpr_core.data.formats
         "synthetic", description="Source format of the raw dataset."
     )
     root: str = Field(

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import typer
 from typer.testing import CliRunner
 
 from pipelines.cli import app
 from tests.tpr_core.test_prepare import build_cuhk, build_icfg, build_rstp, dump
-from tpr_core.data.prepare import MANIFEST_NAME
+from tpr_core.data.formats import FORMATS
+from tpr_core.data.store import MANIFEST_NAME
 
 runner = CliRunner()
 
@@ -121,3 +123,14 @@ def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
     res = _prepare("--format", "rstpreid", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and _squash(str(tmp_path / "absent")) in _squash(res.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_format_help_and_unknown_format_come_from_the_formats_table(tmp_path: Path) -> None:
+    prepare_cmd = typer.main.get_command(app).commands["data"].commands["prepare"]
+    (fmt_option,) = [p for p in prepare_cmd.params if p.name == "fmt"]
+    assert fmt_option.help == "cuhk-pedes | icfg-pedes | rstpreid" == " | ".join(FORMATS)
+    res = _prepare("--help")
+    assert res.exit_code == 0 and "--format" in res.output, res.output
+    res = _prepare("--format", "market", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2
+    assert _squash(f"unknown format 'market'; expected one of {', '.join(FORMATS)}") in _squash(res.output)

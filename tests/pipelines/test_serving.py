@@ -45,7 +45,7 @@ def pyfunc(champion):
 
 
 def _val_people() -> list[int]:
-    from tpr_core.data.parquet_io import load_split_table
+    from tpr_core.data.store import load_split_table
 
     t = load_split_table(fx.dataset()["root"], fx.SPLIT, columns=["orig_id"])
     return sorted(set(t.column("orig_id").to_pylist()))

@@ -1,11 +1,8 @@
-"""Run storage helpers over pyarrow.fs: local paths and URIs (file:// here; s3:// alike)."""
+"""Run storage helpers over pyarrow.fs: local paths and URIs (file:// here; s3:// alike).
+
+Telling a URI from a path is tpr_core.data.store.is_uri (tests/tpr_core/test_store.py)."""
 
 from pipelines import storage
-
-
-def test_is_uri():
-    assert storage.is_uri("s3://bucket/runs") and storage.is_uri("file:///tmp/x")
-    assert not storage.is_uri("/tmp/x") and not storage.is_uri("runs") and not storage.is_uri("C:/x")
 
 
 def test_text_and_bytes_round_trip_through_a_uri(tmp_path):

@@ -15,7 +15,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tpr_core.data.dataset import (
-    DatasetError,
     GalleryDataset,
     QueryDataset,
     TrainDataset,
@@ -27,6 +26,7 @@ from tpr_core.data.dataset import (
     train_identity_count,
 )
 from tpr_core.data.samplers import build_batch_sampler
+from tpr_core.data.store import MANIFEST_NAME, MANIFEST_VERSION, DatasetError
 from tpr_core.data.tokenizer import Tokenizer
 from tpr_core.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, PILTransform, decode_image_bytes
 from tpr_core.data.views import phrase_chunks, prune_caption, word_phrases
@@ -88,6 +88,18 @@ def _rows(split: str, n_ids: int, first_image: int) -> list[dict]:
     return rows
 
 
+def _write_manifest(folder, shards: list[dict]) -> None:
+    """A manifest of this version with the fields the readers check, listing ``shards``."""
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "source_format": "cuhk-pedes",
+        "counts": {},
+        "content_hash": "sha256:fixture",
+        "shards": shards,
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """Prepared-layout fixture: train 3 ids x 2 images x 2 captions, test 2 ids, one shard each."""
@@ -99,7 +111,7 @@ def root(tmp_path_factory):
         name = f"part-{k:05d}.parquet"
         pq.write_table(table, out / name)
         shards.append({"file": name, "split": split, "rows": len(rows)})
-    (out / "_manifest.json").write_text(json.dumps({"manifest_version": 1, "shards": shards}))
+    _write_manifest(out, shards)
     return out
 
 
@@ -342,14 +354,14 @@ def test_missing_column_and_bad_image(tmp_path, tok) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA).drop_columns(["caption"]), bad / "p.parquet")
-    (bad / "manifest.json").write_text("{}")  # no shard list: every *.parquet is read
+    _write_manifest(bad, [{"file": "p.parquet", "split": "train"}])
     with pytest.raises(DatasetError, match=r"p.parquet: missing field 'caption'"):
         load_split(bad, "train")
     broken = tmp_path / "broken"
     broken.mkdir()
     rows[2]["image"] = rows[3]["image"] = b"\x89PNG truncated"
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), broken / "p.parquet")
-    (broken / "_manifest.json").write_text("{}")
+    _write_manifest(broken, [{"file": "p.parquet", "split": "train"}])
     data = load_split(broken, "train")
     ds = TrainDataset(data, tok, SIZE, 24, augment=False)
     with pytest.raises(DatasetError, match=r"split 'train' row 2 \(0001/1.png\): field 'image'"):

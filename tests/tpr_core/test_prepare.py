@@ -1,4 +1,4 @@
-"""tpr_core.data.prepare / parquet_io: raw formats -> Parquet shards, bad input, read back."""
+"""tpr_core.data.prepare / store: raw formats -> Parquet shards, bad input, read back."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ import pytest
 from PIL import Image
 
 from tpr_core import __version__
-from tpr_core.data.parquet_io import DatasetNotPreparedError, load_split_table, open_dataset, read_manifest
-from tpr_core.data.prepare import MANIFEST_NAME, SCHEMA, DataFormatError, prepare
+from tpr_core.data.prepare import prepare
+from tpr_core.data.store import (
+    MANIFEST_NAME,
+    SCHEMA,
+    DataFormatError,
+    DatasetNotPreparedError,
+    load_split_table,
+    open_dataset,
+    read_manifest,
+)
 
 # --------------------------------------------------------------------------- fixtures in the real layouts
 

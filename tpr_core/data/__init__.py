@@ -1,4 +1,5 @@
-"""Data: synthetic generator, raw-format readers, Parquet shards, torch datasets.
+"""Data: synthetic generator, raw source formats (``formats``), the prepared Parquet dataset
+(``prepare`` writes it, ``store`` owns its on-disk format and readers), torch datasets.
 
 Batch contract (what a training DataLoader yields, what models consume), all tensors:
 
@@ -18,28 +19,42 @@ Batch contract (what a training DataLoader yields, what models consume), all ten
 - view ``text_aug``: applied in place to ``text_ids`` (UIT caption pruning, training only)
 """
 
-from tpr_core.data.dataset import (
-    GalleryDataset,
-    QueryDataset,
-    SplitData,
-    TrainDataset,
-    collate,
-    load_split,
-    make_train_loader,
-    train_identity_count,
-)
-from tpr_core.data.samplers import build_batch_sampler
-from tpr_core.data.tokenizer import Tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "GalleryDataset",
-    "QueryDataset",
-    "SplitData",
-    "Tokenizer",
-    "TrainDataset",
-    "build_batch_sampler",
-    "collate",
-    "load_split",
-    "make_train_loader",
-    "train_identity_count",
-]
+import importlib
+from typing import Any
+
+# Public name -> submodule that defines it. Imported on first use, so that the light parts
+# (``tpr_core.data.formats``, which the config schema reads) load without torch.
+_EXPORTS = {
+    "GalleryDataset": "dataset",
+    "QueryDataset": "dataset",
+    "SplitData": "dataset",
+    "TrainDataset": "dataset",
+    "collate": "dataset",
+    "load_split": "dataset",
+    "make_train_loader": "dataset",
+    "train_identity_count": "dataset",
+    "build_batch_sampler": "samplers",
+    "Tokenizer": "tokenizer",
+    "DatasetError": "store",
+    "load_split_table": "store",
+    "open_dataset": "store",
+    "read_manifest": "store",
+    "FORMATS": "formats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """A re-exported name, imported from its submodule."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    """Module attributes, re-exported names included."""
+    return sorted({*globals(), *_EXPORTS})

@@ -1,7 +1,7 @@
 """Torch datasets over the prepared Parquet shards: training pairs, evaluation gallery and queries.
 
-:func:`load_split` reads one split through ``pyarrow.fs`` (a local path, or an fs URI such
-as ``s3://bucket/tpr/cuhk`` by the same code) into a :class:`SplitData`: the per-row
+:func:`load_split` reads one split through :mod:`tpr_core.data.store` (a local path, or an fs
+URI such as ``s3://bucket/tpr/cuhk`` by the same code) into a :class:`SplitData`: the per-row
 columns as numpy / arrow arrays, and the encoded images once per unique image in a single
 arrow binary array. Local shards are read through memory maps. Nothing is a Python list
 of objects, so DataLoader workers forked from the process share these buffers
@@ -18,7 +18,6 @@ is the same whichever worker makes it and a resumed epoch repeats it exactly.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,15 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from tpr_core.data.store import DatasetError, open_prepared
 from tpr_core.data.tokenizer import Tokenizer
 from tpr_core.data.transforms import ImageTransform, decode_image_bytes, normalize_batch
 from tpr_core.data.views import mask_tokens, phrase_chunks, prune_caption, word_phrases
 
-MANIFEST_NAMES = ("_manifest.json", "manifest.json")
 REQUIRED_COLUMNS = ("split", "pid", "image_id", "image_path", "caption", "caption_index", "image")
 KNOWN_VIEWS = ("mlm", "text_aug", "levels", "level_images")
 ERASE_KEY = "_erase"  # item key of the random-erasing box, consumed by collate
@@ -44,72 +42,15 @@ ERASE_KEY = "_erase"  # item key of the random-erasing box, consumed by collate
 # its own of the image (``images`` goes with the sentence).
 LEVEL_IMAGE_KEYS = ("phrase_images", "word_images")
 IMAGE_KEYS = ("images", *LEVEL_IMAGE_KEYS)
-
-
-def _erase_key(image_key: str) -> str:
-    return ERASE_KEY if image_key == "images" else f"{ERASE_KEY}:{image_key}"
 _META_COLUMNS = ["pid", "image_id", "image_path", "caption", "caption_index"]
 _MAX_BINARY = 2**31 - 1 - 2**20  # a pa.binary array addresses at most 2 GiB
 
 
-class DatasetError(ValueError):
-    """A prepared dataset that cannot be read; the message names the path, record and field."""
+def _erase_key(image_key: str) -> str:
+    return ERASE_KEY if image_key == "images" else f"{ERASE_KEY}:{image_key}"
 
 
 # ------------------------------------------------------------------------------ reading
-
-
-def _filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or an fs URI; local files are memory-mapped."""
-    text = os.fspath(root)
-    if "://" in text:
-        fs, path = pafs.FileSystem.from_uri(text)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(text)
-
-
-def _read_manifest(fs: pafs.FileSystem, path: str, root: str) -> tuple[dict, str]:
-    for name in MANIFEST_NAMES:
-        mpath = f"{path}/{name}"
-        if fs.get_file_info(mpath).type == pafs.FileType.File:
-            with fs.open_input_stream(mpath) as f:
-                text = f.read().decode("utf-8")
-            try:
-                manifest = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
-            if not isinstance(manifest, dict):
-                raise DatasetError(f"{mpath}: the manifest must be a JSON object")
-            return manifest, mpath
-    raise DatasetError(
-        f"no prepared dataset at {root}: neither {' nor '.join(MANIFEST_NAMES)} found "
-        "(run `tpr data prepare`)"
-    )
-
-
-def _shard_files(
-    fs: pafs.FileSystem, path: str, root: str, manifest: dict, mpath: str, split: str
-) -> list[str]:
-    """The Parquet files that may hold ``split``: the manifest's list if it has one, else all."""
-    shards = manifest.get("shards")
-    if isinstance(shards, list) and shards:
-        files = []
-        for k, s in enumerate(shards):
-            if not isinstance(s, dict) or "file" not in s:
-                raise DatasetError(f"{mpath}: shards[{k}]: missing field 'file'")
-            if s.get("split", split) == split:
-                files.append(f"{path}/{s['file']}")
-        for f, info in zip(files, fs.get_file_info(files), strict=True):
-            if info.type != pafs.FileType.File:
-                raise DatasetError(
-                    f"prepared dataset at {root} is incomplete: {f} (listed in {mpath}) is missing"
-                )
-        return files
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    if not files:
-        raise DatasetError(f"no Parquet shards (*.parquet) under {root}")
-    return files
 
 
 @dataclass
@@ -172,39 +113,24 @@ def load_split(root: str | os.PathLike[str], split: str) -> SplitData:
         split: ``train``, ``val`` or ``test``.
 
     Raises:
-        DatasetError: no such folder, no manifest, no shards, a missing column, or no rows in
-            the split; the message names the path (and file / field).
+        DatasetError: no such folder, no manifest (or one of another version), a missing shard,
+            no shards or no rows in the split, a missing column, a null field; the message
+            names the path (and file / field).
     """
-    root_text = os.fspath(root)
-    fs, path = _filesystem(root)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.Directory:
-        raise DatasetError(f"prepared dataset folder not found: {root_text}")
-    manifest, mpath = _read_manifest(fs, path, root_text)
-    files = _shard_files(fs, path, root_text, manifest, mpath, split)
+    prepared = open_prepared(root, mmap=True)  # local shards are memory-mapped
+    files = prepared.shard_files(split)
     if not files:
-        splits = sorted({s.get("split") for s in manifest.get("shards", []) if isinstance(s, dict)})
-        raise DatasetError(f"{root_text}: split {split!r} has no shards; splits present: {splits}")
-    dataset = ds.dataset(files, format="parquet", filesystem=fs)
+        splits = sorted({s["split"] for s in prepared.manifest["shards"]})
+        raise DatasetError(f"{prepared.root}: split {split!r} has no shards; splits present: {splits}")
+    dataset = ds.dataset(files, format="parquet", filesystem=prepared.fs)
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise DatasetError(f"{files[0]}: missing field {missing[0]!r} (columns: {dataset.schema.names})")
     where = pc.field("split") == split
-
-    meta = dataset.to_table(columns=_META_COLUMNS, filter=where)
-    if meta.num_rows == 0:
-        raise DatasetError(f"{root_text}: split {split!r} has no rows")
-    # A canonical order, whatever the shard layout.
-    order = pc.sort_indices(
-        meta, sort_keys=[("pid", "ascending"), ("image_id", "ascending"), ("caption_index", "ascending")]
-    )
-    meta = meta.take(order)
+    where_text = f"{prepared.root}: split {split!r}"
+    meta = _read_rows(dataset, where, where_text)
     pids = meta.column("pid").to_numpy().astype(np.int64)
     image_ids = meta.column("image_id").to_numpy().astype(np.int64)
-    for name, col in (("caption", meta.column("caption")), ("image_path", meta.column("image_path"))):
-        if col.null_count:
-            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"{root_text}: split {split!r} row {bad}: field {name!r} is null")
 
     # Unique images in order of first appearance; image_rows maps rows to them.
     first = np.ones(len(image_ids), dtype=bool)
@@ -212,14 +138,54 @@ def load_split(root: str | os.PathLike[str], split: str) -> SplitData:
     unique_ids = image_ids[first]
     vals, counts = np.unique(unique_ids, return_counts=True)
     if (counts > 1).any():
-        raise DatasetError(
-            f"{root_text}: split {split!r}: field 'image_id' {int(vals[counts > 1][0])} appears under two pids"
-        )
-    image_rows = np.cumsum(first) - 1
-    image_pids = pids[first]
-    sorter = np.argsort(unique_ids, kind="stable")
+        dup = int(vals[counts > 1][0])
+        raise DatasetError(f"{where_text}: field 'image_id' {dup} appears under two pids")
+    images = _read_images(dataset, where, unique_ids, where_text)
+    if images.null_count:
+        bad = int(np.flatnonzero(images.is_null().to_numpy(zero_copy_only=False))[0])
+        path = meta.column("image_path")[int(np.flatnonzero(first)[bad])]
+        raise DatasetError(f"{where_text} image {path}: field 'image' is null")
+    return SplitData(
+        root=prepared.root,
+        split=split,
+        pids=pids,
+        image_ids=image_ids,
+        image_rows=(np.cumsum(first) - 1).astype(np.int64),
+        captions=meta.column("caption").combine_chunks(),
+        image_paths=meta.column("image_path").combine_chunks(),
+        images=images,
+        image_pids=pids[first],
+        unique_image_ids=unique_ids,
+    )
 
-    # Stream the image column and keep one copy per image: a row per caption repeats the bytes.
+
+def _read_rows(dataset: ds.Dataset, where: pc.Expression, where_text: str) -> pa.Table:
+    """The split's per-row columns (no image), in (pid, image_id, caption_index) order."""
+    meta = dataset.to_table(columns=_META_COLUMNS, filter=where)
+    if meta.num_rows == 0:
+        raise DatasetError(f"{where_text} has no rows")
+    # A canonical order, whatever the shard layout.
+    order = pc.sort_indices(
+        meta, sort_keys=[("pid", "ascending"), ("image_id", "ascending"), ("caption_index", "ascending")]
+    )
+    meta = meta.take(order)
+    for name in ("caption", "image_path"):
+        col = meta.column(name)
+        if col.null_count:
+            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{where_text} row {bad}: field {name!r} is null")
+    return meta
+
+
+def _read_images(
+    dataset: ds.Dataset, where: pc.Expression, unique_ids: np.ndarray, where_text: str
+) -> pa.Array:
+    """The encoded bytes of each image in ``unique_ids``, in that order, one copy each.
+
+    The image column is streamed and only an image's first row kept: a row per caption repeats
+    the bytes.
+    """
+    sorter = np.argsort(unique_ids, kind="stable")
     found_pos: list[np.ndarray] = []
     found_bytes: list[pa.Array] = []
     seen = np.zeros(len(unique_ids), dtype=bool)
@@ -235,30 +201,11 @@ def load_split(root: str | os.PathLike[str], split: str) -> SplitData:
             found_pos.append(pos[take])
             found_bytes.append(batch.column(1).filter(pa.array(take)))
     if not seen.all():
-        raise DatasetError(f"{root_text}: split {split!r}: image bytes missing for some images")
+        raise DatasetError(f"{where_text}: image bytes missing for some images")
     positions = np.concatenate(found_pos)
-    total = sum(a.nbytes for a in found_bytes)
-    if total > _MAX_BINARY:
+    if sum(a.nbytes for a in found_bytes) > _MAX_BINARY:
         found_bytes = [a.cast(pa.large_binary()) for a in found_bytes]
-    images = pa.concat_arrays(found_bytes).take(pa.array(np.argsort(positions, kind="stable")))
-    if images.null_count:
-        bad = int(np.flatnonzero(images.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DatasetError(
-            f"{root_text}: split {split!r} image {meta.column('image_path')[int(np.flatnonzero(first)[bad])]}: "
-            "field 'image' is null"
-        )
-    return SplitData(
-        root=root_text,
-        split=split,
-        pids=pids,
-        image_ids=image_ids,
-        image_rows=image_rows.astype(np.int64),
-        captions=meta.column("caption").combine_chunks(),
-        image_paths=meta.column("image_path").combine_chunks(),
-        images=images,
-        image_pids=image_pids,
-        unique_image_ids=unique_ids,
-    )
+    return pa.concat_arrays(found_bytes).take(pa.array(np.argsort(positions, kind="stable")))
 
 
 def train_identity_count(split_data: SplitData) -> int:

@@ -1,4 +1,5 @@
-"""Raw TPR datasets (CUHK-PEDES, ICFG-PEDES, RSTPReid) -> validated Parquet shards + manifest.
+"""Raw TPR datasets (the source formats of :mod:`tpr_core.data.formats`) -> validated Parquet
+shards + manifest.
 
 ``prepare`` reads a dataset as it is distributed, checks every record (fields, types, splits,
 and that every image decodes completely), and writes one Parquet row per (image, caption):
@@ -8,11 +9,8 @@ and that every image decodes completely), and writes one Parquet row per (image,
 Rows are sorted by split (train, val, test), pid, image path, caption index; ``pid`` is
 contiguous from 0 within each split in order of the source id; ``image_id`` is contiguous
 from 0 over the whole output in that same order; ``image`` holds the source file's bytes,
-untouched. A shard never mixes splits, so a reader can fetch one split's files only.
-
-The manifest is written as ``_manifest.json`` (not ``manifest.json``) beside the shards:
-``pyarrow.dataset.dataset(out)`` fails on any non-Parquet file in the folder unless its
-name starts with ``_`` or ``.``, and the plain call must work on the output folder.
+untouched. A shard never mixes splits, so a reader can fetch one split's files only. The
+schema, the manifest's name and version, and the readers are in :mod:`tpr_core.data.store`.
 
 The output appears atomically: everything is written to ``OUT.tmp-<pid>`` next to ``OUT`` and
 renamed at the end; on any error the temporary folder is removed and ``OUT`` never appears.
@@ -38,49 +36,13 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from tpr_core import __version__
+from tpr_core.data.formats import FORMATS, FormatSpec
+from tpr_core.data.store import MANIFEST_VERSION, SCHEMA, SPLITS, DataFormatError, write_manifest
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-MANIFEST_NAME = "_manifest.json"
-MANIFEST_VERSION = 1
 MAX_REPORTED_ERRORS = 20
-
-SCHEMA = pa.schema(
-    [
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("pid", pa.int64(), nullable=False),
-        pa.field("orig_id", pa.int64(), nullable=False),
-        pa.field("image_id", pa.int64(), nullable=False),
-        pa.field("image_path", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("caption_index", pa.int32(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-    ]
-)
 
 # Image decode checks dominate the cost of a prepare; Pillow releases the GIL while decoding.
 _CHECK_THREADS = max(2, min(4, os.cpu_count() or 2))
-
-
-class DataFormatError(ValueError):
-    """A raw dataset (or a prepare request) that cannot be turned into Parquet shards."""
-
-
-@dataclass(frozen=True)
-class _FormatSpec:
-    name: str
-    annotation_files: tuple[str, ...]  # first one that exists wins
-    path_field: str
-    splits: tuple[str, ...]  # splits the source may contain
-    image_dir: str = "imgs"
-
-
-FORMATS: dict[str, _FormatSpec] = {
-    "cuhk-pedes": _FormatSpec("cuhk-pedes", ("reid_raw.json",), "file_path", ("train", "val", "test")),
-    "icfg-pedes": _FormatSpec(
-        "icfg-pedes", ("ICFG-PEDES.json", "ICFG_PEDES.json"), "file_path", ("train", "test")
-    ),
-    "rstpreid": _FormatSpec("rstpreid", ("data_captions.json",), "img_path", ("train", "val", "test")),
-}
 
 
 @dataclass
@@ -129,13 +91,14 @@ def prepare(
     """Validate a raw dataset and write it as Parquet shards plus ``_manifest.json``.
 
     Args:
-        fmt: Source format: ``cuhk-pedes``, ``icfg-pedes`` or ``rstpreid``.
+        fmt: Source format, a name in :data:`tpr_core.data.formats.FORMATS`.
         root: Dataset folder as distributed (annotation JSON + ``imgs/``).
         out: Output folder; must not exist (or be empty) unless ``overwrite``.
         shard_rows: Most rows per Parquet shard (one row group per shard).
         skip_bad: Skip bad records and list them in the manifest instead of failing.
-        val_fraction: ICFG-PEDES only: share of train identities held out as the val split.
-        seed: ICFG-PEDES only: seed of the val identity draw.
+        val_fraction: Formats without a val split (ICFG-PEDES): share of train identities
+            held out as the val split.
+        seed: Formats without a val split: seed of the val identity draw.
         overwrite: Replace an existing non-empty ``out``.
 
     Returns:
@@ -145,40 +108,20 @@ def prepare(
         DataFormatError: on bad input; the message names the file, each bad record's index
             and image path, and the field. Nothing is written then.
     """
-    spec = FORMATS.get(fmt)
-    if spec is None:
-        raise DataFormatError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise DataFormatError(f"shard_rows must be a positive int, got {shard_rows!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataFormatError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    spec = _check_request(fmt, shard_rows, val_fraction)
     root, out = Path(root), Path(out)
     _check_out(out, overwrite)
 
     ann = _find_annotation(spec, root)
     raw = _load_json(ann)
     problems, records = _validate(spec, root, raw)
-
     if problems and not skip_bad:
         raise DataFormatError(_problems_message(ann, problems))
     if not records:
         raise DataFormatError(f"{ann}: no valid records left ({len(raw)} in the file, all bad)")
 
     images = _merge_images(records)
-    val_split: dict[str, Any] = {"derived_from": None}
-    if spec.name == "icfg-pedes":
-        val_ids = _derive_val_ids(images, val_fraction, seed)
-        for im in images:
-            if im.split == "train" and im.orig_id in val_ids:
-                im.split = "val"
-        val_split = {
-            "derived_from": "train",
-            "fraction": val_fraction,
-            "seed": seed,
-            "identities": len(val_ids),
-            "method": "train identities not in test, ranked by sha256('<seed>:<id>'), first round(fraction*n)",
-        }
-
+    val_split = _derive_val_split(images, val_fraction, seed) if spec.derives_val else {"derived_from": None}
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "tool": "tpr",
@@ -195,16 +138,28 @@ def prepare(
 
     def fill(tmp: Path) -> None:
         manifest.update(_write_shards(root / spec.image_dir, images, tmp, shard_rows))
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
 
     _write_atomically(out, overwrite, fill)
     return manifest
 
 
+def _check_request(fmt: str, shard_rows: int, val_fraction: float) -> FormatSpec:
+    """The spec of ``fmt``, once the request's arguments are checked."""
+    spec = FORMATS.get(fmt)
+    if spec is None:
+        raise DataFormatError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise DataFormatError(f"shard_rows must be a positive int, got {shard_rows!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataFormatError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    return spec
+
+
 # --------------------------------------------------------------------------- input
 
 
-def _find_annotation(spec: _FormatSpec, root: Path) -> Path:
+def _find_annotation(spec: FormatSpec, root: Path) -> Path:
     if not root.is_dir():
         raise DataFormatError(f"dataset root {root} is not a folder (format {spec.name})")
     for name in spec.annotation_files:
@@ -236,7 +191,7 @@ def _tname(v: Any) -> str:
 
 
 def _parse_record(
-    spec: _FormatSpec, index: int, rec: Any
+    spec: FormatSpec, index: int, rec: Any
 ) -> tuple[_Record | None, str | None, list[_Problem]]:
     """Check one record's fields; returns (record or None, image path if valid, problems)."""
     if not isinstance(rec, dict):
@@ -349,7 +304,7 @@ def _strict_pillow() -> Iterator[None]:
 
 
 def _validate(
-    spec: _FormatSpec, root: Path, raw: list[Any]
+    spec: FormatSpec, root: Path, raw: list[Any]
 ) -> tuple[list[_Problem], list[tuple[_Record, str]]]:
     """Check every record; returns (problems, [(good record, image digest)]) in record order."""
     problems: dict[int, list[_Problem]] = {}
@@ -453,6 +408,21 @@ def _derive_val_ids(images: list[_ImageEntry], fraction: float, seed: int) -> se
     return set(ranked[:k])
 
 
+def _derive_val_split(images: list[_ImageEntry], fraction: float, seed: int) -> dict[str, Any]:
+    """Move the drawn train identities' images to val; returns the manifest's ``val_split``."""
+    val_ids = _derive_val_ids(images, fraction, seed)
+    for im in images:
+        if im.split == "train" and im.orig_id in val_ids:
+            im.split = "val"
+    return {
+        "derived_from": "train",
+        "fraction": fraction,
+        "seed": seed,
+        "identities": len(val_ids),
+        "method": "train identities not in test, ranked by sha256('<seed>:<id>'), first round(fraction*n)",
+    }
+
+
 def _ordered(images: list[_ImageEntry]) -> list[tuple[str, int, int, _ImageEntry]]:
     """(split, pid, image_id, image) in output order."""
     out: list[tuple[str, int, int, _ImageEntry]] = []
@@ -539,10 +509,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise DataFormatError(
                 f"output folder {out} exists and is not empty; remove it or pass overwrite=True"
             )
-
-
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def _write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
