@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from tpr_core.data import synth
 
 N_IDS, N_IMGS, SIZE = 12, 2, (64, 32)
 KW = dict(identities=N_IDS, images_per_identity=N_IMGS, captions_per_image=2, size=SIZE)
+#: Digest of ``synth.generate(out, seed=0, **KW)`` (see ``test_output_bytes_are_pinned``).
+GOLDEN_DIGEST = "4c0a546bc3441846846508020d9dd82c422507d7a647079ed3374200e2d51cf8"
 
 LOGO_WORDS = ("logo", "print on the chest", "pattern on the front")
 SHOE_WORDS = ("shoes", "sneakers", "trainers")
@@ -123,6 +126,18 @@ def test_same_seed_same_bytes_other_seed_differs(ds: Path, tmp_path: Path) -> No
     a, b = _files(ds), _files(other)
     assert a["reid_raw.json"] != b["reid_raw.json"]
     assert a["imgs/synth/0001/0001_00.jpg"] != b["imgs/synth/0001/0001_00.jpg"]
+
+
+def test_output_bytes_are_pinned(ds: Path) -> None:
+    """The module's dataset hashes to a pinned digest (sha256 of "path sha256" lines, sorted).
+
+    A change to attributes, captions or rendering changes it: bump ``GENERATOR_VERSION`` and
+    re-pin. Other Pillow, libjpeg or numpy builds may also change the bytes; then re-pin.
+    """
+    files = _files(ds)
+    lines = "".join(f"{name} {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(files.items()))
+    assert len(files) == N_IDS * N_IMGS + 4  # the images and the four JSON files
+    assert hashlib.sha256(lines.encode()).hexdigest() == GOLDEN_DIGEST
 
 
 def test_second_call_reuses_other_params_error(ds: Path, tmp_path: Path) -> None:
