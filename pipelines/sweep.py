@@ -31,7 +31,7 @@ from typing import Any
 from pipelines.job import WorkerJob
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
-from pipelines.storage import exists, local_dir
+from pipelines.storage import exists, is_uri, local_dir
 from pipelines.tracking import BEST_TRIAL_TAG
 from tpr_core.config import ConfigError, ExperimentConfig
 
@@ -128,7 +128,7 @@ def sweep(
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
     with tracking.tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
         parent = _start_parent(cfg, space, space_path, name, n)
-        trial_runs_dir = str(runs_dir if "://" in str(runs_dir) else paths.runs_dir)
+        trial_runs_dir = str(runs_dir if is_uri(runs_dir) else paths.runs_dir)
         trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri)
         if resume:
             tuner = _restored_tuner(exp_dir, trainable)

@@ -184,7 +184,7 @@ class DataConfig(_Strict):
     )
     root: str = Field(
         "data/synthetic",
-        description="Prepared dataset (Parquet + manifest.json); a local path or an fs URI (s3://...).",
+        description="Prepared dataset (Parquet shards + _manifest.json); a local path or an fs URI (s3://...).",
     )
     raw_root: str | None = Field(
         None, description="Raw dataset to prepare on first use; for synthetic, where it is generated."
