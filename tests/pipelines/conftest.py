@@ -38,6 +38,18 @@ def tiny_overrides(synth_data: dict[str, str], **extra) -> list[str]:
     return out
 
 
+def every_epoch(epochs: int, steps: int, **extra) -> dict:
+    """Overrides of a short run that validates and checkpoints after every epoch of ``steps``
+    steps (pass ``train__log_every=1`` etc. in ``extra``)."""
+    return dict(
+        train__epochs=epochs,
+        train__eval_every=1,
+        train__checkpoint_every=1,
+        train__max_steps_per_epoch=steps,
+        **extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance shared by a test module."""

@@ -4,22 +4,14 @@
 import pytest
 import yaml
 
-from tests.pipelines.conftest import REPO, tiny_overrides
+from tests.pipelines.conftest import REPO, every_epoch, tiny_overrides
 from tpr_core.config import ConfigError, load_config
 
 SPACE = REPO / "tune_spaces" / "fmfa_demo.yaml"
 
 
 def _cfg(synth_data, **extra):
-    base = dict(
-        distributed__num_workers=1,
-        train__epochs=3,
-        train__eval_every=1,
-        train__checkpoint_every=1,
-        train__max_steps_per_epoch=2,
-        data__batch_size=16,
-        train__log_every=1,
-    )
+    base = every_epoch(3, 2, distributed__num_workers=1, data__batch_size=16, train__log_every=1)
     base.update(extra)
     return load_config(
         REPO / "pipelines/configs/fmfa_synthetic_tiny.yaml", tiny_overrides(synth_data, **base)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.pipelines.conftest import REPO, tiny_overrides
+from tests.pipelines.conftest import REPO, every_epoch, tiny_overrides
 
 SPACE = REPO / "tune_spaces" / "fmfa_demo.yaml"
 
@@ -21,15 +21,7 @@ def test_killed_sweep_resumes_with_one_child_per_trial(synth_data, tmp_path):
 
     from pipelines.tracking import tracking_server
 
-    over = tiny_overrides(
-        synth_data,
-        distributed__num_workers=1,
-        train__epochs=3,
-        train__eval_every=1,
-        train__checkpoint_every=1,
-        train__max_steps_per_epoch=2,
-        data__batch_size=16,
-    )
+    over = tiny_overrides(synth_data, **every_epoch(3, 2, distributed__num_workers=1, data__batch_size=16))
     cmd = [
         sys.executable,
         "-m",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.pipelines.conftest import REPO, tiny_overrides
+from tests.pipelines.conftest import REPO, every_epoch, tiny_overrides
 from tpr_core.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
@@ -195,11 +195,7 @@ def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_pa
     cfg = _cfg(
         "irra",
         synth_data,
-        train__epochs=3,
-        train__eval_every=1,
-        train__checkpoint_every=1,
-        train__max_steps_per_epoch=3,
-        train__log_every=1,
+        **every_epoch(3, 3, train__log_every=1),
     )
     marker = tmp_path / "killed"
     m = train(cfg, runs_dir=tmp_path, name="kill", train_fn=DieAfterEpoch(2, marker))
@@ -228,12 +224,7 @@ def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
     cfg = _cfg(
         "irra",
         synth_data,
-        train__epochs=2,
-        train__eval_every=1,
-        train__checkpoint_every=1,
-        train__max_steps_per_epoch=2,
-        train__log_every=1,
-        distributed__max_failures=0,
+        **every_epoch(2, 2, train__log_every=1, distributed__max_failures=0),
     )
     marker = tmp_path / "killed"
     from ray.train import TrainingFailedError
