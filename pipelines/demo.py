@@ -14,9 +14,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tpr_core.eval.metrics import REPORTED_METRICS as METRICS
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
-from tpr_core.eval.metrics import REPORTED_METRICS as METRICS
 
 
 def _sample_queries(raw_root: str, data_root: str, n: int = 2) -> list[tuple[str, int]]:
@@ -47,7 +48,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     from pipelines.registry import promote, search
     from pipelines.setup import init_ray
     from pipelines.sweep import sweep
-    from pipelines.tracking import store_uri_for_ui, tracking_server
+    from pipelines.tracking_server import store_uri_for_ui, tracking_server
     from pipelines.train import train
     from tpr_core.config import load_config
 

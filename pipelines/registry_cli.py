@@ -48,7 +48,7 @@ def _mlflow(runs_dir: str) -> Iterator[str]:
     from mlflow.exceptions import MlflowException
 
     from pipelines.registry import RegistryError
-    from pipelines.tracking import TrackingServerError, tracking_server
+    from pipelines.tracking_server import TrackingServerError, tracking_server
     from tpr_core.export import ExportError
 
     # Progress bars of artifact downloads would drown the command's own output.

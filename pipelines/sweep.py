@@ -104,6 +104,7 @@ def sweep(
 
     from pipelines import tracking
     from pipelines.setup import absolutize, ensure_dataset, preflight
+    from pipelines.tracking_server import tracking_server
 
     space = load_space(space_path, cfg)  # errors here: nothing started
     cfg = absolutize(cfg)
@@ -121,7 +122,7 @@ def sweep(
             raise ConfigError(f"no sweep named {name!r} to resume at {exp_dir}")
 
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
-    with tracking.tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
+    with tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
         parent = tracking.start_or_resume_run(
             cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
             tags={"tpr.kind": "sweep", "method": cfg.method},

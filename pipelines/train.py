@@ -67,7 +67,7 @@ def train(
     cfg: ExperimentConfig, runs_dir: str | Path = "runs", name: str | None = None, extra: dict | None = None
 ) -> dict[str, Any]:
     """Run one training end to end; returns the final metrics (test/*, best/*, model_dir, run id)."""
-    from pipelines.tracking import tracking_server
+    from pipelines.tracking_server import tracking_server
 
     name = name or default_run_name(cfg)
     cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
