@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from pipelines.cli_errors import fail, print_error
 from tpr_core.config import ConfigError
 from tpr_core.data.formats import FORMATS
 
@@ -16,14 +17,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate or prepare datasets.
 app.add_typer(data_app, name="data")
 
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    from rich.markup import escape
-
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, markup=True)
-    raise typer.Exit(code)
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
@@ -77,7 +70,7 @@ def data_prepare(
             fmt, root, out, shard_rows=shard_rows, skip_bad=skip_bad, val_fraction=val_fraction, seed=seed
         )
     except DataFormatError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"wrote {out} ({manifest['source_format']}): {manifest['counts']}")
     if manifest.get("skipped"):
         console.print(f"[yellow]skipped {len(manifest['skipped'])} bad records (listed in _manifest.json)[/]")
@@ -170,9 +163,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except ConfigError as e:
-        from rich.markup import escape
-
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(str(e))
         sys.exit(2)
 
 

@@ -48,7 +48,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     from pipelines.registry import promote, search
     from pipelines.setup import init_ray
     from pipelines.sweep import sweep
-    from pipelines.tracking import store_uri_for_ui, tracking_server
+    from pipelines.tracking_server import store_uri_for_ui, tracking_server
     from pipelines.train import train
     from tpr_core.config import load_config
 

@@ -23,11 +23,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.cli_errors import err_console, fail
 from pipelines.registry import EXIT_KEPT
 from tpr_core.eval.metrics import REPORTED_METRICS
 
 console = Console()
-err_console = Console(stderr=True)
 
 RunsDir = Annotated[
     str,
@@ -37,18 +37,13 @@ RunsDir = Annotated[
 ]
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
-
-
 @contextlib.contextmanager
 def _mlflow(runs_dir: str) -> Iterator[str]:
     """The tracking URI for one command; registry and data errors become a clean exit 2."""
     from mlflow.exceptions import MlflowException
 
     from pipelines.registry import RegistryError
-    from pipelines.tracking import TrackingServerError, tracking_server
+    from pipelines.tracking_server import TrackingServerError, tracking_server
     from tpr_core.export import ExportError
 
     # Progress bars of artifact downloads would drown the command's own output.
@@ -57,7 +52,7 @@ def _mlflow(runs_dir: str) -> Iterator[str]:
         with tracking_server(runs_dir) as uri:
             yield uri
     except (RegistryError, MlflowException, TrackingServerError, ExportError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> Table:
@@ -92,7 +87,7 @@ def promote_cmd(
     from pipelines.registry import promote
 
     if (run is None) == (sweep is None):
-        _fail("give exactly one of --run RUN_ID or --sweep SWEEP_RUN_ID")
+        fail("give exactly one of --run RUN_ID or --sweep SWEEP_RUN_ID")
     with _mlflow(runs_dir):
         res = promote(
             model_name, run_id=run, sweep_run_id=sweep, margin=margin, split=split, data_root=data,
@@ -122,12 +117,6 @@ def rollback_cmd(
     )
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_cmd(
     model: Annotated[
         str | None, typer.Option("--model", help="models:/NAME@ALIAS (or any model URI).")
@@ -144,11 +133,12 @@ def evaluate_cmd(
 ) -> None:
     """Metrics, retrieval grid and recall curve of a registered or exported model."""
     from pipelines.registry import download_registered_model, evaluate_exported, exported_dir_of
+    from pipelines.registry.common import torch_device
     from tpr_core.eval import recall_curve, retrieval_grid_from_ranks
     from tpr_core.export import ExportError, load_exported
 
     if (model is None) == (checkpoint is None):
-        _fail("give exactly one of --model models:/NAME@ALIAS or --checkpoint DIR")
+        fail("give exactly one of --model models:/NAME@ALIAS or --checkpoint DIR")
     with tempfile.TemporaryDirectory(prefix="tpr-evaluate-") as tmp:
         if model is not None:
             with _mlflow(runs_dir):
@@ -156,10 +146,10 @@ def evaluate_cmd(
         else:
             folder = checkpoint
         try:
-            exported = load_exported(folder, device=_device())
+            exported = load_exported(folder, device=torch_device())
             res = evaluate_exported(exported, data, split, topk=10)
         except (ExportError, ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
     console.print(
         _metrics_table(f"{model or checkpoint} on {res.data_root} split {split!r}", {"": res.metrics})
     )

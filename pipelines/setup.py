@@ -199,7 +199,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # the state API whether the trial's controller lives; without an address that API finds
         # the Ray instance started *last* on this machine, which is not ours when another one
         # runs. Our dashboard's address, given to every process of the job, keeps it on ours.
-        from pipelines.tracking import _free_port
+        from pipelines.tracking_server import _free_port
 
         port = _free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

@@ -109,6 +109,7 @@ def sweep(
     """Run (or resume) a sweep; returns the best trial's config, metric and MLflow ids."""
     from pipelines import tracking
     from pipelines.setup import absolutize, ensure_dataset, preflight
+    from pipelines.tracking_server import tracking_server
 
     space = load_space(space_path, cfg)  # errors here: nothing started
     cfg = absolutize(cfg)
@@ -126,7 +127,7 @@ def sweep(
             raise ConfigError(f"no sweep named {name!r} to resume at {exp_dir}")
 
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
-    with tracking.tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
+    with tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
         parent = _start_parent(cfg, space, space_path, name, n)
         trial_runs_dir = str(runs_dir if is_uri(runs_dir) else paths.runs_dir)
         trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri)

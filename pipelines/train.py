@@ -91,7 +91,7 @@ def train(
     ``train_fn``: what every worker runs (see :func:`fit`).
     """
     from pipelines.storage import read_text
-    from pipelines.tracking import tracking_server
+    from pipelines.tracking_server import tracking_server
 
     name = name or default_run_name(cfg)
     paths, job = prepare_run(cfg, runs_dir, name)

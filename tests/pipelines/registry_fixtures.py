@@ -37,11 +37,11 @@ def _shared_server() -> str:
     Started on first use and stopped at interpreter exit; the environment is left untouched
     here (see :func:`tracking_uri`), so other test modules never log to it by accident.
     """
-    from pipelines import tracking
+    from pipelines.tracking_server import tracking_server
 
     stack = contextlib.ExitStack()
     with scoped_env(MLFLOW_TRACKING_URI=None):  # the server's own setting ends with this block
-        uri = stack.enter_context(tracking.tracking_server(_CACHE / "runs"))
+        uri = stack.enter_context(tracking_server(_CACHE / "runs"))
     atexit.register(stack.close)
     return uri
 

@@ -121,7 +121,7 @@ def test_submit_tiny_training_once(ray_head, synth_data, tmp_path):
 
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracking_server
+    from pipelines.tracking_server import tracking_server
 
     with tracking_server(runs) as uri:
         run = MlflowClient(uri).get_run(result["mlflow_run_id"])

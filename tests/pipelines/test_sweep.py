@@ -73,7 +73,8 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines.sweep import sweep
-    from pipelines.tracking import BEST_TRIAL_TAG, tracking_server
+    from pipelines.tracking import BEST_TRIAL_TAG
+    from pipelines.tracking_server import tracking_server
 
     # 2 epochs: ASHA's rungs (grace 1, factor 2) fall on epochs 1 and 2, the last one included
     try:

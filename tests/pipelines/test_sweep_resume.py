@@ -19,7 +19,7 @@ def test_killed_sweep_resumes_with_one_child_per_trial(synth_data, tmp_path):
     """The sweep driver is killed mid-way (SIGKILL), then `--resume` finishes it."""
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracking_server
+    from pipelines.tracking_server import tracking_server
 
     over = tiny_overrides(synth_data, **every_epoch(3, 2, distributed__num_workers=1, data__batch_size=16))
     cmd = [

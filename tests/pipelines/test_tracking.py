@@ -1,4 +1,5 @@
-"""The embedded MLflow tracking server and the run helpers, against a real server on loopback."""
+"""The embedded MLflow tracking server (``pipelines.tracking_server``) and the run helpers
+(``pipelines.tracking``), against a real server on loopback."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from pipelines import tracking  # noqa: E402
+from pipelines.tracking_server import (  # noqa: E402
+    TrackingServerError,
+    _healthy,
+    store_uri_for_ui,
+    tracking_server,
+)
 
 
 def _port_open(url: str) -> bool:
@@ -36,7 +43,7 @@ def server(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     old = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        with tracking.tracking_server(runs) as uri:
+        with tracking_server(runs) as uri:
             yield uri, runs
     finally:
         if old is not None:
@@ -140,7 +147,7 @@ def test_two_processes_log_concurrently(server):
 def test_env_uri_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:1234")
     calls = []
-    with tracking.tracking_server(tmp_path, while_starting=lambda: calls.append(1)) as uri:
+    with tracking_server(tmp_path, while_starting=lambda: calls.append(1)) as uri:
         assert uri == "http://example.invalid:1234"
         assert calls == [1]
     assert not (tmp_path / "mlflow").exists()  # nothing was started or created
@@ -179,7 +186,7 @@ def test_while_starting_runs_once_while_the_server_boots(tmp_path, monkeypatch):
         # spawned: visible in /proc once the child has exec'd (bounded wait, see below)
         seen.append((os.environ.get("MLFLOW_TRACKING_URI"), _wait_until(lambda: bool(_processes_naming(db)))))
 
-    with tracking.tracking_server(tmp_path, while_starting=during) as uri:
+    with tracking_server(tmp_path, while_starting=during) as uri:
         assert seen == [(None, True)]  # once, the server already spawned, no URI yet
         run_id = tracking.start_or_resume_run("during", "d-1")
         assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
@@ -197,14 +204,14 @@ def test_while_starting_error_stops_the_server(tmp_path, monkeypatch):
         raise RuntimeError("ray could not start")
 
     with pytest.raises(RuntimeError, match="ray could not start"):
-        with tracking.tracking_server(tmp_path, while_starting=fail):
+        with tracking_server(tmp_path, while_starting=fail):
             pytest.fail("the block must not run")
     assert _wait_until(lambda: not _processes_naming(db)), "the server process outlived the error"
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_store_uri_for_ui(tmp_path):
-    cmd = tracking.store_uri_for_ui(tmp_path)
+    cmd = store_uri_for_ui(tmp_path)
     assert cmd.startswith("mlflow ui --backend-store-uri sqlite:////")
     assert str(tmp_path.resolve() / "mlflow" / "mlflow.db") in cmd
 
@@ -212,7 +219,7 @@ def test_store_uri_for_ui(tmp_path):
 def test_server_stops_cleanly_even_on_exception(tmp_path, monkeypatch):
     """Start, log, raise: the env var is restored, the port is closed, the process group is gone."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(RuntimeError, match="boom"), tracking.tracking_server(tmp_path) as uri:
+    with pytest.raises(RuntimeError, match="boom"), tracking_server(tmp_path) as uri:
         assert os.environ["MLFLOW_TRACKING_URI"] == uri
         run_id = tracking.start_or_resume_run("stop", "s-1")
         tracking.log_metrics(run_id, {"x": 1.0}, step=3)
@@ -229,8 +236,8 @@ def test_server_stops_cleanly_even_on_exception(tmp_path, monkeypatch):
 
 def test_server_timeout_error_names_log(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(tracking.TrackingServerError, match="server.log") as err:
-        with tracking.tracking_server(tmp_path, timeout_s=0.01):
+    with pytest.raises(TrackingServerError, match="server.log") as err:
+        with tracking_server(tmp_path, timeout_s=0.01):
             pass
     assert "did not answer" in str(err.value)
     assert "=== tpr: starting" in str(err.value)  # the log tail is in the message
@@ -241,11 +248,11 @@ def test_server_timeout_error_names_log(tmp_path, monkeypatch):
 def test_restart_on_same_store_resumes_run(tmp_path, monkeypatch):
     """A later command on the same run directory finds the same run and its metrics."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with tracking.tracking_server(tmp_path):
+    with tracking_server(tmp_path):
         run_id = tracking.start_or_resume_run("restart", "r-1")
         tracking.log_metrics(run_id, {"x": 1.0}, step=3)
         tracking.set_terminated(run_id, "KILLED")
-    with tracking.tracking_server(tmp_path):
+    with tracking_server(tmp_path):
         assert tracking.start_or_resume_run("restart", "r-1") == run_id
         assert tracking.last_logged_step(run_id, "x") == 3
 
@@ -287,7 +294,7 @@ def test_server_ends_when_its_driver_is_killed(tmp_path):
 
     code = (
         "import sys, time\n"
-        "from pipelines.tracking import tracking_server\n"
+        "from pipelines.tracking_server import tracking_server\n"
         "with tracking_server(sys.argv[1]) as uri:\n"
         "    print(uri, flush=True)\n"
         "    time.sleep(600)\n"
@@ -296,10 +303,10 @@ def test_server_ends_when_its_driver_is_killed(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env=env, cwd=Path(__file__).resolve().parents[2])
     uri = driver.stdout.readline().strip()
-    assert uri.startswith("http://127.0.0.1:") and tracking._healthy(uri)
+    assert uri.startswith("http://127.0.0.1:") and _healthy(uri)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and tracking._healthy(uri):
+    while time.monotonic() < deadline and _healthy(uri):
         time.sleep(0.5)
-    assert not tracking._healthy(uri), "the MLflow server outlived its driver"
+    assert not _healthy(uri), "the MLflow server outlived its driver"

@@ -33,7 +33,7 @@ def _chance_r1(root: str) -> float:
 @contextlib.contextmanager
 def _mlflow(runs_dir: Path):
     """A client of the run's own store, through the same loopback server the run used."""
-    from pipelines.tracking import tracking_server
+    from pipelines.tracking_server import tracking_server
 
     with tracking_server(runs_dir) as uri:
         yield MlflowClient(tracking_uri=uri)

@@ -1,0 +1,194 @@
+"""The registered model's artifacts: where a version comes from and what it holds.
+
+Conventions the training and sweep code follow
+    - A training run logs its exported model folder (``tpr_core.export``) as the artifact
+      directory ``model/`` of its MLflow run (``runs:/<run_id>/model``), and tags the run
+      ``method``, ``dataset_manifest_hash`` and ``git_commit``.
+    - A sweep's parent run carries the tag ``tpr.best_trial_run_id`` naming the MLflow run of
+      its best trial (selected on the validation split).
+
+Registered model
+    An MLflow pyfunc model defined from code (``pipelines/serving_model.py``) whose artifacts
+    are the exported folder (``model``) and a gallery index (``gallery``: Parquet embeddings of
+    the gallery split, see :mod:`pipelines.registry.gallery`), logged with pinned pip
+    requirements, a signature and an input example. :func:`exported_dir_of` and
+    :func:`gallery_index_of` find both inside a downloaded one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from pipelines import tracking
+from pipelines.registry.common import (
+    MODEL_ARTIFACT_PATH,
+    SERVING_FILE,
+    SERVING_MODEL_NAME,
+    RegistryError,
+    mlflow_client,
+    torch_device,
+)
+from pipelines.registry.gallery import build_gallery_index
+
+
+def resolve_source_run(run_id: str | None = None, sweep_run_id: str | None = None) -> str:
+    """The training run to register: ``run_id``, or the best trial of sweep ``sweep_run_id``."""
+    if (run_id is None) == (sweep_run_id is None):
+        raise RegistryError("give exactly one of a run id (--run) or a sweep run id (--sweep)")
+    if run_id is not None:
+        return run_id
+    run = mlflow_client().get_run(sweep_run_id)
+    best = run.data.tags.get(tracking.BEST_TRIAL_TAG)
+    if not best:
+        raise RegistryError(
+            f"sweep run {sweep_run_id} has no tag {tracking.BEST_TRIAL_TAG!r} naming its best trial"
+        )
+    return best
+
+
+def download_run_model(run_id: str, dst: str | Path) -> Path:
+    """Download the exported model folder logged under ``model/`` of a run into ``dst``."""
+    import mlflow
+
+    from tpr_core.export import INFO_FILE
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH, dst_path=str(dst)
+        )
+    except Exception as e:
+        raise RegistryError(
+            f"run {run_id} has no exported model under artifact path {MODEL_ARTIFACT_PATH!r}: {e}"
+        ) from None
+    path = Path(local)
+    if not (path / INFO_FILE).is_file():
+        raise RegistryError(f"run {run_id}: artifact {MODEL_ARTIFACT_PATH}/ is not an exported model folder")
+    return path
+
+
+def download_registered_model(model_uri: str, dst: str | Path) -> Path:
+    """Download a registered (or logged) retrieval model; returns its local pyfunc folder."""
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except Exception as e:
+        raise RegistryError(f"cannot download model {model_uri}: {e}") from None
+
+
+def exported_dir_of(pyfunc_dir: str | Path) -> Path:
+    """The exported model folder inside a downloaded retrieval model."""
+    return _artifact_of(pyfunc_dir, "model")
+
+
+def gallery_index_of(pyfunc_dir: str | Path) -> Path:
+    """The gallery index Parquet file inside a downloaded retrieval model."""
+    return _artifact_of(pyfunc_dir, "gallery")
+
+
+def _artifact_of(pyfunc_dir: str | Path, key: str) -> Path:
+    import yaml
+
+    mlmodel = Path(pyfunc_dir) / "MLmodel"
+    if not mlmodel.is_file():
+        raise RegistryError(f"not an MLflow model folder: {mlmodel} is missing")
+    spec = yaml.safe_load(mlmodel.read_text())
+    try:
+        rel = spec["flavors"]["python_function"]["artifacts"][key]["path"]
+    except (KeyError, TypeError):
+        raise RegistryError(f"{mlmodel}: field flavors.python_function.artifacts.{key} is missing") from None
+    return Path(pyfunc_dir) / rel
+
+
+def _pip_requirements() -> list[str]:
+    # Pinned from this environment: inferring them would load the model in a subprocess.
+    reqs = []
+    for dist in (
+        "mlflow",
+        "torch",
+        "safetensors",
+        "tokenizers",
+        "pyarrow",
+        "pandas",
+        "numpy",
+        "pyyaml",
+        "pydantic",
+        "pillow",
+    ):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def _signature_and_example():
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"text": ["a man in a blue jacket with a black backpack"]})
+    output = pd.DataFrame(
+        [
+            {
+                "text": "a man in a blue jacket with a black backpack",
+                "image_ids": [0, 1],
+                "image_paths": ["imgs/a.jpg", "imgs/b.jpg"],
+                "orig_ids": [1, 2],
+                "scores": [0.9, 0.8],
+            }
+        ]
+    )
+    return infer_signature(example, output, params={"top_k": 10}), example
+
+
+def log_registered_model(
+    exported_dir: str | Path,
+    data_root: str | None = None,
+    split: str = "test",
+    run_id: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log the retrieval pyfunc (exported folder + gallery index of ``split``) into an MLflow run.
+
+    Args:
+        exported_dir: an exported model folder.
+        data_root: prepared dataset for the gallery; default the model's ``cfg.data.root``.
+        split: gallery split.
+        run_id: log into this (existing) run; otherwise a new run is created in ``experiment``.
+        experiment: experiment of the new run (default the model's ``cfg.tracking.experiment``).
+        run_name: name of the new run.
+        tags: tags of the new run.
+
+    Returns:
+        The logged model's URI (``models:/<model_id>``), ready for ``mlflow.register_model``.
+    """
+    import mlflow
+
+    from tpr_core.export import load_exported
+
+    exported = load_exported(exported_dir, device=torch_device())
+    root = str(data_root or exported.cfg.data.root)
+    signature, example = _signature_and_example()
+    with tempfile.TemporaryDirectory(prefix="tpr-gallery-") as tmp:
+        gallery = build_gallery_index(exported, root, split, Path(tmp) / "gallery.parquet")
+        if run_id is None:
+            exp_id = tracking.get_or_create_experiment(experiment or exported.cfg.tracking.experiment)
+            run_id = mlflow_client().create_run(exp_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+        import tpr_core
+
+        # The fluent run stack is per thread, so concurrent promotions do not mix their runs.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=SERVING_MODEL_NAME,
+                python_model=str(SERVING_FILE),
+                artifacts={"model": str(exported_dir), "gallery": str(gallery)},
+                code_paths=[str(Path(tpr_core.__file__).parent)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
+    return info.model_uri

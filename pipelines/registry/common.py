@@ -1,0 +1,53 @@
+"""Names every registry module shares: artifact paths, aliases, exit codes, the error type, and
+the small MLflow, dataset and device look-ups they all make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_ARTIFACT_PATH = "model"  # a training run's exported model folder: runs:/<run_id>/model
+SERVING_MODEL_NAME = "retrieval_model"  # name of the logged pyfunc inside a registration run
+SERVING_FILE = Path(__file__).parent.parent / "serving_model.py"  # the pyfunc, from code
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+
+EXIT_PROMOTED = 0
+EXIT_KEPT = 3
+
+LOCK_SUFFIX = ".promotion-lock"
+GATE_METRIC = "R1"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot proceed; the message says what is missing."""
+
+
+def mlflow_client():
+    """An ``MlflowClient`` on the current tracking URI."""
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def has_error_code(err: Exception, code: str) -> bool:
+    """Whether an MLflow exception carries ``error_code == code`` (e.g. ``RESOURCE_ALREADY_EXISTS``)."""
+    return getattr(err, "error_code", None) == code
+
+
+def manifest_hash(data_root: str) -> str | None:
+    """The content hash of a prepared dataset's manifest, or None when it has none."""
+    from tpr_core.data.store import read_manifest
+
+    try:
+        return str(read_manifest(data_root).get("content_hash"))
+    except Exception:  # a root without a manifest is reported by load_split with a clearer message
+        return None
+
+
+def torch_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

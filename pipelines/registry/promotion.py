@@ -1,0 +1,428 @@
+"""Promotion and rollback: a new version becomes champion only when it is better.
+
+Aliases and the gate
+    Each promotion registers a new version (see :mod:`pipelines.registry.artifacts`), logged
+    in a registration run, a child of the source training run. Version tags:
+    ``tpr.source_run_id``, ``tpr.method``, ``tpr.dataset_manifest_hash``, ``tpr.git_commit``,
+    ``tpr.metric.<key>`` (the exported metrics), then the decision (below).
+
+    The new version becomes ``challenger``. Challenger and ``champion`` are both evaluated on
+    the same split of the same prepared dataset; ``champion`` moves to the challenger only if
+    its R@1 exceeds the champion's by more than ``margin`` points (a tie keeps the champion),
+    and the replaced champion becomes ``previous-champion``. The first version of a model
+    becomes champion. The decision, both metric sets and the compared version are written on
+    the new version as ``tpr.decision``, ``tpr.challenger.<metric>``, ``tpr.champion.<metric>``,
+    ``tpr.compared_with`` (tags) and in its description. A promoted version also records
+    ``tpr.promoted_over`` (the version it replaced), which is what :func:`rollback` follows.
+
+    Every alias read and write happens under the :class:`~pipelines.registry.lock.PromotionLock`.
+
+    Exit codes of ``tpr promote``: 0 promoted, :data:`EXIT_KEPT` (3) kept.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines import tracking
+from pipelines.registry.artifacts import (
+    download_registered_model,
+    download_run_model,
+    exported_dir_of,
+    log_registered_model,
+    resolve_source_run,
+)
+from pipelines.registry.common import (
+    CHALLENGER,
+    CHAMPION,
+    EXIT_KEPT,
+    EXIT_PROMOTED,
+    GATE_METRIC,
+    PREVIOUS,
+    RegistryError,
+    has_error_code,
+    mlflow_client,
+    torch_device,
+)
+from pipelines.registry.evaluation import EvalOutcome, evaluate_exported
+from pipelines.registry.lock import PromotionLock
+from tpr_core.eval.metrics import REPORTED_METRICS
+
+
+@dataclass
+class PromotionResult:
+    """Outcome of :func:`promote`.
+
+    Attributes:
+        model_name: registered model.
+        version: the new version (now ``challenger``).
+        decision: ``promoted`` or ``kept``.
+        reason: one sentence why.
+        split: evaluation split.
+        challenger_metrics: metrics of the new version on ``split``.
+        champion_metrics: metrics of the champion it was compared with (None for the first version).
+        compared_with: that champion's version (None for the first version).
+        champion: the champion version after the decision.
+        source_run_id: the training run the version comes from.
+        model_uri: ``models:/NAME/VERSION``.
+    """
+
+    model_name: str
+    version: str
+    decision: str
+    reason: str
+    split: str
+    challenger_metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    compared_with: str | None
+    champion: str
+    source_run_id: str
+    model_uri: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promoted"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when promoted, :data:`EXIT_KEPT` when the champion was kept."""
+        return EXIT_PROMOTED if self.promoted else EXIT_KEPT
+
+
+@dataclass
+class RollbackResult:
+    """Outcome of :func:`rollback`: champion went from ``from_version`` to ``to_version``."""
+
+    model_name: str
+    from_version: str | None
+    to_version: str
+    previous_champion: str | None
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if has_error_code(e, "RESOURCE_DOES_NOT_EXIST") or has_error_code(e, "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in REPORTED_METRICS if k in metrics)
+
+
+def _eval_version(name: str, version: str, data_root: str, split: str, split_data: Any) -> dict[str, float]:
+    from tpr_core.export import load_exported
+
+    with tempfile.TemporaryDirectory(prefix="tpr-champion-") as tmp:
+        local = download_registered_model(f"models:/{name}/{version}", tmp)
+        exported = load_exported(exported_dir_of(local), device=torch_device())
+        return evaluate_exported(exported, data_root, split, split_data=split_data).metrics
+
+
+def gate_decision(
+    challenger_r1: float,
+    champion_r1: float | None,
+    margin: float,
+    split: str = "val",
+    champion: str | None = None,
+) -> tuple[str, str]:
+    """The promotion gate: ``("promoted" | "kept", reason)``.
+
+    Promoted when there is no champion, or when ``challenger_r1 > champion_r1 + margin``
+    (strictly: a tie, or a gain of exactly ``margin``, keeps the champion).
+    """
+    if champion_r1 is None:
+        return "promoted", "first version of the model"
+    who = f"champion v{champion}" if champion else "champion"
+    if challenger_r1 > champion_r1 + margin:
+        return (
+            "promoted",
+            f"challenger {split}/R1 {challenger_r1:.2f} > {who} {champion_r1:.2f} + margin {margin:g}",
+        )
+    return "kept", f"challenger {split}/R1 {challenger_r1:.2f} <= {who} {champion_r1:.2f} + margin {margin:g}"
+
+
+@dataclass
+class _Challenger:
+    """A newly registered version, before the gate.
+
+    Attributes:
+        version: its version number.
+        source_run_id: the training run it comes from.
+        registration_run_id: the run holding its pyfunc and the gate's numbers.
+        evaluation: its metrics on the gate's split (with the split's data and root).
+        trained_manifest: manifest hash of the dataset it was trained on ("" when unknown).
+        reported_r1: the gate metric the training run reported on the split, if any.
+    """
+
+    version: str
+    source_run_id: str
+    registration_run_id: str
+    evaluation: EvalOutcome
+    trained_manifest: str
+    reported_r1: float | None
+
+
+@dataclass
+class _Verdict:
+    """What the gate decided, and against which champion (None: there was none)."""
+
+    decision: str
+    reason: str
+    compared_with: str | None
+    champion_metrics: dict[str, float] | None
+
+
+def _version_tags(source: str, sweep_run_id: str | None, exported: Any, src_tags: dict) -> dict[str, str]:
+    """The tags a new version carries: where it comes from, and the metrics it was exported with."""
+    info_extra = exported.info.get("extra", {}) or {}
+    manifest = (
+        src_tags.get("dataset_manifest_hash")
+        or exported.info.get("dataset_manifest_hash")
+        or info_extra.get("manifest_hash")
+        or ""
+    )
+    git = (
+        src_tags.get("git_commit")
+        or src_tags.get("mlflow.source.git.commit")
+        or info_extra.get("git_commit", "")
+    )
+    tags = {
+        "tpr.source_run_id": source,
+        "tpr.method": exported.cfg.method,
+        "tpr.dataset_manifest_hash": manifest,
+        "tpr.git_commit": git,
+    }
+    if sweep_run_id:
+        tags["tpr.sweep_run_id"] = sweep_run_id
+    for k, v in exported.metrics.items():
+        if isinstance(v, (int, float)):
+            tags[f"tpr.metric.{k}"] = f"{float(v):.4f}"
+    return tags
+
+
+def _register_challenger(
+    client: Any,
+    model_name: str,
+    source: str,
+    sweep_run_id: str | None,
+    split: str,
+    data_root: str | None,
+    gallery_split: str,
+) -> _Challenger:
+    """Evaluate the source run's model on ``split`` and register it as a new version of ``model_name``."""
+    import mlflow
+
+    from tpr_core.data.dataset import load_split
+    from tpr_core.export import load_exported
+
+    src_run = client.get_run(source)
+    with tempfile.TemporaryDirectory(prefix="tpr-promote-") as tmp:
+        local = download_run_model(source, tmp)
+        exported = load_exported(local, device=torch_device())
+        root = str(data_root or exported.cfg.data.root)
+        evaluation = evaluate_exported(exported, root, split, split_data=load_split(root, split))
+        version_tags = _version_tags(source, sweep_run_id, exported, src_run.data.tags)
+        # The registration run: a child of the training run, holding the pyfunc and the gate's numbers.
+        reg_run = client.create_run(
+            src_run.info.experiment_id,
+            run_name=f"register-{model_name}",
+            tags={
+                "tpr.source_run_id": source,
+                "tpr.registered_model": model_name,
+                tracking.PARENT_RUN_TAG: source,
+            },
+        ).info.run_id
+        try:
+            uri = log_registered_model(local, root, gallery_split, run_id=reg_run)
+            mv = mlflow.register_model(uri, model_name, tags=version_tags)
+        except BaseException:
+            tracking.set_terminated(reg_run, "FAILED")
+            raise
+    tracking.log_metrics(
+        reg_run, {f"challenger/{split}/{k}": evaluation.metrics[k] for k in REPORTED_METRICS}, step=0
+    )
+    return _Challenger(
+        version=str(mv.version),
+        source_run_id=source,
+        registration_run_id=reg_run,
+        evaluation=evaluation,
+        trained_manifest=version_tags["tpr.dataset_manifest_hash"],
+        reported_r1=exported.metrics.get(f"{split}/{GATE_METRIC}"),
+    )
+
+
+def _decision_tags(ch: _Challenger, verdict: _Verdict, split: str, margin: float) -> dict[str, str]:
+    """The gate's tags on the new version: decision, evaluation data, both metric sets."""
+    ev = ch.evaluation
+    tags = {
+        "tpr.decision": verdict.decision,
+        "tpr.decision_reason": verdict.reason,
+        "tpr.eval.split": split,
+        "tpr.eval.data_root": ev.data_root,
+        "tpr.eval.manifest_hash": ev.manifest_hash or "",
+        "tpr.margin": f"{margin:g}",
+        "tpr.compared_with": verdict.compared_with or "",
+    }
+    tags.update({f"tpr.challenger.{k}": f"{ev.metrics[k]:.4f}" for k in REPORTED_METRICS})
+    if verdict.champion_metrics is not None:
+        tags.update({f"tpr.champion.{k}": f"{verdict.champion_metrics[k]:.4f}" for k in REPORTED_METRICS})
+    return tags
+
+
+def _description(ch: _Challenger, verdict: _Verdict, split: str) -> str:
+    """The new version's description: the decision, both metric sets, and any mismatch worth a look."""
+    ev = ch.evaluation
+    c1 = ev.metrics[GATE_METRIC]
+    current = verdict.compared_with
+    lines = [
+        f"Decision: {verdict.decision} ({verdict.reason}).",
+        f"Evaluated on split {split!r} of {ev.data_root} (manifest {ev.manifest_hash or 'unknown'}).",
+        f"Challenger v{ch.version} (run {ch.source_run_id}): {_fmt(ev.metrics)}.",
+        f"Champion v{current}: {_fmt(verdict.champion_metrics)}."
+        if current
+        else "No champion before this version.",
+    ]
+    if ch.trained_manifest and ev.manifest_hash and ch.trained_manifest != ev.manifest_hash:
+        lines.append(
+            f"Note: trained on dataset manifest {ch.trained_manifest}, evaluated on {ev.manifest_hash}."
+        )
+    if ch.reported_r1 is not None and abs(float(ch.reported_r1) - c1) > 0.5:
+        lines.append(
+            f"Warning: the run reported {split}/R1 {float(ch.reported_r1):.2f}; re-evaluation gives {c1:.2f}."
+        )
+    return "\n".join(lines)
+
+
+def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: str) -> tuple[_Verdict, str]:
+    """Under the lock: make the version challenger, compare it with the champion, move the aliases.
+
+    Returns:
+        The verdict, and the champion version after it.
+    """
+    ev = ch.evaluation
+    client.set_registered_model_alias(model_name, CHALLENGER, ch.version)
+    current = _alias_version(client, model_name, CHAMPION)
+    champion_metrics = None
+    if current is not None:
+        champion_metrics = _eval_version(model_name, current, ev.data_root, split, ev.split_data)
+    decision, reason = gate_decision(
+        ev.metrics[GATE_METRIC],
+        None if champion_metrics is None else champion_metrics[GATE_METRIC],
+        margin,
+        split,
+        current,
+    )
+    verdict = _Verdict(decision, reason, current, champion_metrics)
+    tags = _decision_tags(ch, verdict, split, margin)
+    if decision == "promoted":
+        if current is not None:
+            client.set_registered_model_alias(model_name, PREVIOUS, current)
+            tags["tpr.promoted_over"] = current
+        client.set_registered_model_alias(model_name, CHAMPION, ch.version)
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, ch.version, k, v)
+    client.update_model_version(model_name, ch.version, description=_description(ch, verdict, split))
+    return verdict, _alias_version(client, model_name, CHAMPION) or ch.version
+
+
+def promote(
+    model_name: str,
+    run_id: str | None = None,
+    sweep_run_id: str | None = None,
+    margin: float = 0.0,
+    split: str = "val",
+    data_root: str | None = None,
+    gallery_split: str = "test",
+    lock_timeout_s: float = 3600.0,
+) -> PromotionResult:
+    """Register the run's exported model as a new version and move ``champion`` only if it is better.
+
+    Args:
+        model_name: registered model name.
+        run_id: the training run (its ``model/`` artifact is registered).
+        sweep_run_id: or a sweep parent run (its ``tpr.best_trial_run_id`` is registered).
+        margin: R@1 points the challenger must gain over the champion (strictly more).
+        split: evaluation split of the gate (never select on test).
+        data_root: prepared dataset; default the challenger's ``cfg.data.root``.
+        gallery_split: split whose images form the serving model's gallery.
+        lock_timeout_s: how long to wait for a concurrent promotion of the same model.
+
+    Returns:
+        A :class:`PromotionResult` (``exit_code`` 0 promoted, 3 kept).
+    """
+    client = mlflow_client()
+    source = resolve_source_run(run_id, sweep_run_id)
+    ch = _register_challenger(client, model_name, source, sweep_run_id, split, data_root, gallery_split)
+    reg_run = ch.registration_run_id
+    try:
+        with PromotionLock(model_name, timeout_s=lock_timeout_s):
+            verdict, champion_after = _gate(client, model_name, ch, margin, split)
+        if verdict.champion_metrics is not None:
+            tracking.log_metrics(
+                reg_run,
+                {f"champion/{split}/{k}": verdict.champion_metrics[k] for k in REPORTED_METRICS},
+                step=0,
+            )
+    except BaseException:
+        tracking.set_terminated(reg_run, "FAILED")
+        raise
+    tracking.set_terminated(reg_run, "FINISHED")
+    return PromotionResult(
+        model_name=model_name,
+        version=ch.version,
+        decision=verdict.decision,
+        reason=verdict.reason,
+        split=split,
+        challenger_metrics=ch.evaluation.metrics,
+        champion_metrics=verdict.champion_metrics,
+        compared_with=verdict.compared_with,
+        champion=champion_after,
+        source_run_id=source,
+        model_uri=f"models:/{model_name}/{ch.version}",
+    )
+
+
+def rollback(model_name: str, lock_timeout_s: float = 3600.0) -> RollbackResult:
+    """Move ``champion`` back to ``previous-champion``.
+
+    ``previous-champion`` then moves one step further back (to the version the restored one
+    had replaced, from its ``tpr.promoted_over`` tag), or is removed when there is none. The
+    rollback is recorded on the restored version (tags ``tpr.rollback.*`` and description).
+
+    Raises:
+        RegistryError: the model has no ``previous-champion``.
+    """
+    client = mlflow_client()
+    with PromotionLock(model_name, timeout_s=lock_timeout_s):
+        prev = _alias_version(client, model_name, PREVIOUS)
+        if prev is None:
+            raise RegistryError(f"registered model {model_name!r} has no {PREVIOUS!r} alias to roll back to")
+        current = _alias_version(client, model_name, CHAMPION)
+        client.set_registered_model_alias(model_name, CHAMPION, prev)
+        restored = client.get_model_version(model_name, prev)
+        older = restored.tags.get("tpr.promoted_over")
+        if older and older != prev:
+            client.set_registered_model_alias(model_name, PREVIOUS, older)
+        else:
+            client.delete_registered_model_alias(model_name, PREVIOUS)
+            older = None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        client.set_model_version_tag(model_name, prev, "tpr.decision", "rollback")
+        client.set_model_version_tag(model_name, prev, "tpr.rollback.from_version", current or "")
+        client.set_model_version_tag(model_name, prev, "tpr.rollback.at", stamp)
+        if current:
+            client.set_model_version_tag(model_name, current, "tpr.rolled_back", stamp)
+        note = f"Rollback at {stamp}: champion moved back from v{current} to this version."
+        desc = (restored.description or "").rstrip()
+        client.update_model_version(model_name, prev, description=f"{desc}\n{note}".strip())
+    return RollbackResult(model_name, current, prev, older)
