@@ -21,6 +21,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.cli_errors import err_console, fail
@@ -194,9 +195,9 @@ def search_cmd(
         table.add_row(str(i), str(h["image_id"]), h["image_path"], str(h["orig_id"]), f"{h['score']:.4f}")
     console.print(table)
     if hits.grid is not None:
-        console.print(f"wrote {hits.grid}" + (f" ({hits.note})" if hits.note else ""))
+        console.print(f"wrote {escape(str(hits.grid))}" + (f" ({escape(hits.note)})" if hits.note else ""))
     elif out is not None:
-        err_console.print(f"[yellow]no grid written:[/] {hits.note}")
+        err_console.print(f"[yellow]no grid written:[/] {escape(hits.note)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -124,18 +124,25 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = _SERVER_STOP_GRACE_S) -
         except subprocess.TimeoutExpired:
             pass
     # The CLI may have exited while uvicorn children are still shutting down: wait for the group.
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    if not _group_gone(proc.pid, grace_s):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        _group_gone(proc.pid, 5.0)  # SIGKILL is delivered asynchronously: return once it is gone
     if proc.poll() is None:
         proc.wait(timeout=5.0)
+
+
+def _group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for process group ``pgid`` to have no process left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _seed_store(db: Path) -> None:
