@@ -67,10 +67,11 @@ def _make_trainable(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from pipelines.train import fit, prepare_run
+        from tpr_core.experiment import config_from_dict
 
         ctx = tune.get_context()
         name = f"{sweep_name}-t{_trial_key(ctx.get_trial_id())}"
-        cfg = trial_config(ExperimentConfig.model_validate(base), params)
+        cfg = trial_config(config_from_dict(base, "<sweep base>"), params)
         cfg, paths, loop_config = prepare_run(cfg, runs_dir, name)
         loop_config["parent_run_id"] = parent_run_id
         loop_config["tracking_uri"] = tracking_uri

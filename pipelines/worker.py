@@ -331,10 +331,11 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     from tpr_core.data.samplers import build_batch_sampler
     from tpr_core.data.tokenizer import Tokenizer
+    from tpr_core.experiment import config_from_dict
     from tpr_core.models import build_method, method_spec
     from tpr_core.optim import build_optimizer, build_scheduler
 
-    cfg = ExperimentConfig.model_validate(config["cfg"])
+    cfg = config_from_dict(config["cfg"], "<train_loop_config>")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
