@@ -51,17 +51,17 @@ class MethodSpec:
 
 _METHODS: dict[str, tuple[MethodSpec, Any]] = {}
 
-C = TypeVar("C")
+_Cls = TypeVar("_Cls")
 
 
-def register_method(spec: MethodSpec) -> Callable[[C], C]:
+def register_method(spec: MethodSpec) -> Callable[[_Cls], _Cls]:
     """Class decorator: add ``spec`` and its class to the table; a name registered twice is an error.
 
     The class gets the spec as ``cls.spec`` and must have a classmethod
     ``build(cfg, num_classes, tokenizer) -> nn.Module``.
     """
 
-    def deco(cls: C) -> C:
+    def deco(cls: _Cls) -> _Cls:
         if spec.name in _METHODS:
             raise ValueError(f"method {spec.name!r} is already registered (by {_METHODS[spec.name][1].__qualname__})")
         if spec.encoder not in ENCODER_ONLY_FIELDS:
