@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", default=None, help="keep the runs under this folder (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

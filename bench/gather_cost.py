@@ -55,9 +55,9 @@ def _rank(rank: int, port: int, cfg_json: dict, tok_dir: str, batches_path: str,
 
     from pipelines.worker.checkpoints import seed_all
     from pipelines.worker.engine import EngineModule, initialize_engine
-    from tpr_core.config import ExperimentConfig
     from tpr_core.data.tokenizer import Tokenizer
     from tpr_core.distributed import batch_scope
+    from tpr_core.experiment import config_from_dict
     from tpr_core.models import build_method, method_spec
     from tpr_core.optim import build_optimizer, build_scheduler
 
@@ -65,7 +65,7 @@ def _rank(rank: int, port: int, cfg_json: dict, tok_dir: str, batches_path: str,
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = ExperimentConfig.model_validate(cfg_json)
+    cfg = config_from_dict(cfg_json)
     tok = Tokenizer.load(tok_dir)
     batches = torch.load(batches_path, weights_only=True)
     micro = cfg.data.batch_size // 2
@@ -132,7 +132,7 @@ class _Recorder:
 
 def _base_bytes(method: str, workers: int) -> tuple[int, int, int, int]:
     """(global batch, float bytes per row, int bytes per row, rows per rank) at base size."""
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
     from tpr_core.models import build_method
 
     cfg = load_config(REPO / "pipelines" / "configs" / f"{method}_cuhk_base.yaml",

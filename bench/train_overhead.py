@@ -51,7 +51,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tpr_core.config import ExperimentConfig, load_config  # noqa: E402
+from tpr_core.config import ExperimentConfig  # noqa: E402
+from tpr_core.experiment import config_from_dict, load_config  # noqa: E402
 
 CONFIG = REPO / "pipelines" / "configs" / "irra_synthetic_tiny.yaml"
 
@@ -286,7 +287,7 @@ def real_tpr_train(cfg: ExperimentConfig, tmp: Path, epochs: int, steps_per_epoc
     from pipelines.train import fit, prepare_run
 
     run_cfg = cfg.model_copy(deep=True)
-    run_cfg = ExperimentConfig.model_validate(
+    run_cfg = config_from_dict(
         {
             **run_cfg.model_dump(mode="json"),
             "train": {

@@ -200,16 +200,16 @@ def _rank_main(rank: int, world: int, stage: int, cfg_json: dict, args: dict, po
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed  # noqa: F401  (imported before the memory baseline)
 
-    import tpr_core.models.methods  # noqa: F401  (loads the model code before the baseline)
+    import tpr_core.models  # noqa: F401  (loads the model code before the baseline)
     from pipelines.worker.checkpoints import seed_all
     from pipelines.worker.engine import EngineModule, initialize_engine
-    from tpr_core.config import ExperimentConfig
+    from tpr_core.experiment import config_from_dict
     from tpr_core.models import build_method, method_spec
     from tpr_core.optim import build_optimizer, build_scheduler
 
     baseline_rss = _proc_status()["VmRSS"]  # libraries and process group, before any model exists
 
-    cfg = ExperimentConfig.model_validate(cfg_json)
+    cfg = config_from_dict(cfg_json)
     seed_all(cfg.train.seed)
     tokenizer = SimpleNamespace(vocab_size=int(args["vocab"]))
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def run_setting(cfg_json: dict, world: int, stage: int, args: argparse.Namespace
 
 
 def setting_config(args: argparse.Namespace, world: int, stage: int) -> dict:
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     cfg = load_config(
         args.config,

@@ -85,7 +85,7 @@ def train_cmd(
 ) -> None:
     """Train one method on Ray Train workers with DeepSpeed; tracked in MLflow."""
     from pipelines.train import train
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     cfg = load_config(config, overrides or [])
     m = train(cfg, runs_dir=runs_dir, name=name)
@@ -106,7 +106,7 @@ def sweep_cmd(
 ) -> None:
     """Search loss weights and mask ratios with Ray Tune; every trial a distributed training."""
     from pipelines.sweep import sweep
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     if resume and not name:
         raise typer.BadParameter("--resume needs --name SWEEP")

@@ -50,7 +50,7 @@ def demo(runs_dir: str | Path = "runs", data_dir: str | Path = "data/synthetic-d
     from pipelines.sweep import sweep
     from pipelines.tracking_server import store_uri_for_ui, tracking_server
     from pipelines.train import train
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     console = console or Console()
     runs_dir = Path(runs_dir).resolve()

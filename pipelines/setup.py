@@ -62,7 +62,9 @@ def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
         v = data[sec][key]
         if v and not is_uri(v):
             data[sec][key] = str(Path(v).expanduser().resolve())
-    return ExperimentConfig.model_validate(data)
+    from tpr_core.experiment import config_from_dict
+
+    return config_from_dict(data)
 
 
 def _cpu_has_bf16() -> bool:

@@ -31,7 +31,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tpr_core.config import ConfigError, ExperimentConfig, apply_overrides, check_dotted_key, config_from_dict
+from tpr_core.config import ConfigError, ExperimentConfig, apply_overrides, check_dotted_key
+from tpr_core.experiment import check_experiment, config_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
 
@@ -96,10 +97,12 @@ def _check_param(key: str, dist: dict[str, list[Any]], base: dict[str, Any], sou
         tree = copy.deepcopy(base)
         apply_overrides(tree, {key: value})
         try:
-            ExperimentConfig.model_validate(tree)
+            check_experiment(ExperimentConfig.model_validate(tree))
         except ValidationError as e:
             msgs = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"{where}: value {value!r} is outside what the config accepts ({msgs})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: value {value!r} is outside what the config accepts ({e})") from None
 
 
 def load_space(path: str | Path, base: ExperimentConfig) -> SpaceFile:

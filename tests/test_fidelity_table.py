@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tpr_core.config import ConfigError, check_dotted_key, flatten, load_config
+from tpr_core.config import ConfigError, check_dotted_key, flatten
+from tpr_core.experiment import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "fidelity.md"

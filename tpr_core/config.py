@@ -1,7 +1,9 @@
 """Typed experiment configuration.
 
 One YAML file describes one experiment; it is validated into :class:`ExperimentConfig`
-before anything else happens. Configs hold primitives and nested models only, so
+before anything else happens. This module is the schema alone: the checks that need a
+method's recipe (its loss terms, its encoder) and the loading entry points that run them
+are in ``tpr_core.experiment``. Configs hold primitives and nested models only, so
 ``model_dump()`` goes straight into MLflow params and Ray's ``train_loop_config``.
 
 Every leaf is addressable by a dotted path (``loss.weights.efa``, ``optim.lr``); the
@@ -350,20 +352,7 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        from tpr_core.models.registry import method_spec
-
-        spec = method_spec(self.method)  # raises ConfigError naming the known methods
-        unknown = sorted(set(self.loss.weights) - set(spec.terms))
-        if unknown:
-            raise ValueError(
-                f"loss.weights.{unknown[0]} is not a loss term of method {self.method!r}; "
-                f"its terms are {sorted(spec.terms)}"
-            )
-        full = dict(spec.terms)
-        full.update(self.loss.weights)
-        if full != self.loss.weights:
-            # Resolve defaults so every weight is a searchable, logged leaf.
-            object.__setattr__(self.loss, "weights", full)
+        """Checks across sections that need no method recipe (``tpr_core.experiment`` does those)."""
         d = self.distributed
         per_step = d.num_workers * d.grad_accum
         if self.data.batch_size % per_step:
@@ -382,16 +371,6 @@ class ExperimentConfig(_Strict):
                 f"train.checkpoint_every {self.train.checkpoint_every} and train.eval_every "
                 f"{self.train.eval_every} must divide one another"
             )
-        m = self.model
-        ivt_only = {
-            "pretrained_text": m.pretrained_text is not None,
-            "patch_stride": m.patch_stride not in (None, m.patch_size),
-            "drop_path": m.drop_path > 0,
-            "text_dropout": m.text_dropout > 0,
-        }
-        misplaced = [k for k, used in ivt_only.items() if used] if self.method != "ivt" else []
-        if misplaced:
-            raise ValueError(f"model.{misplaced[0]} applies to method 'ivt' (the shared encoder) only")
         return self
 
 
@@ -475,15 +454,20 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any])
     return tree
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+def parse_config(tree: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw config tree against the schema only; errors name ``source`` and each key.
+
+    The checks against the method's recipe are ``tpr_core.experiment``'s: load configs with
+    ``tpr_core.experiment.load_config`` / ``config_from_dict``, which call this and then those.
+    """
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML config, apply dotted overrides, validate. Errors name the file and key."""
+def read_config_tree(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    """The raw tree of a YAML config with dotted overrides applied (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -495,7 +479,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"config {path} must be a mapping at the top level")
     if overrides:
         apply_overrides(tree, overrides)
-    return config_from_dict(tree, str(path))
+    return tree
 
 
 def per_worker_batch(cfg: ExperimentConfig) -> int:
@@ -514,7 +498,7 @@ def derived_params(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML, headed by a comment with the derived batch sizes; ``load`` of
+    """The resolved config as YAML, headed by a comment with the derived batch sizes; ``load_config`` of
     it gives back an equal config."""
     derived = derived_params(cfg)
     head = (

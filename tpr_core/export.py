@@ -43,7 +43,8 @@ import torch
 import yaml
 from torch import nn
 
-from tpr_core.config import ExperimentConfig, config_from_dict, dump_config
+from tpr_core.config import ExperimentConfig, dump_config
+from tpr_core.experiment import config_from_dict
 
 FORMAT_NAME = "tpr-export"
 FORMAT_VERSION = 1

@@ -67,7 +67,7 @@ def dataset() -> dict[str, str]:
 
 
 def config():
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     return load_config(
         REPO / "pipelines" / "configs" / "irra_synthetic_tiny.yaml",

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import deepspeed, torch, torch.distributed as dist
     from torch import nn
     from pipelines.worker.engine import ds_config, initialize_engine
-    from tpr_core.config import load_config
+    from tpr_core.experiment import load_config
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = load_config("pipelines/configs/irra_synthetic_tiny.yaml",

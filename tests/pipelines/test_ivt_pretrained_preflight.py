@@ -13,7 +13,8 @@ import torch
 
 from tests.pipelines.conftest import REPO, tiny_overrides
 from tests.tpr_core.test_ivt_pretrained import BERT_VOCAB, fake_bert, fake_vit
-from tpr_core.config import ConfigError, load_config
+from tpr_core.config import ConfigError
+from tpr_core.experiment import load_config
 
 CONFIG = REPO / "pipelines/configs/ivt_synthetic_tiny.yaml"
 

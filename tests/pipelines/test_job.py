@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.pipelines.conftest import REPO, tiny_overrides
-from tpr_core.config import load_config
+from tpr_core.experiment import load_config
 
 
 def test_prepare_run_builds_the_job_and_nothing_else_does(synth_data, tmp_path):

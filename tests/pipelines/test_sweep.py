@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from tests.pipelines.conftest import REPO, every_epoch, tiny_overrides
-from tpr_core.config import ConfigError, load_config
+from tpr_core.config import ConfigError
+from tpr_core.experiment import load_config
 
 SPACE = REPO / "tune_spaces" / "fmfa_demo.yaml"
 

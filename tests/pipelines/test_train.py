@@ -10,7 +10,8 @@ import torch
 from mlflow import MlflowClient
 
 from tests.pipelines.conftest import REPO, every_epoch, tiny_overrides
-from tpr_core.config import ConfigError, load_config
+from tpr_core.config import ConfigError
+from tpr_core.experiment import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,12 @@ from tpr_core.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
-    config_from_dict,
     dump_config,
     field_bounds,
     flatten,
-    load_config,
+    parse_config,
 )
+from tpr_core.experiment import check_experiment, config_from_dict, load_config
 
 
 def _write(tmp_path, tree, name="c.yaml"):
@@ -20,7 +20,7 @@ def _write(tmp_path, tree, name="c.yaml"):
 
 
 def test_defaults_resolve_method_weights():
-    cfg = ExperimentConfig(method="fmfa", data={"batch_size": 8})
+    cfg = check_experiment(ExperimentConfig(method="fmfa", data={"batch_size": 8}))
     assert cfg.loss.weights == {"a_sdm": 1.0, "efa": 1.0, "mlm": 1.0, "id": 1.0}
     cfg = config_from_dict({"method": "irra", "loss": {"weights": {"id": 0.5}}, "data": {"batch_size": 8}})
     assert cfg.loss.weights == {"sdm": 1.0, "id": 0.5, "mlm": 1.0}
@@ -79,7 +79,7 @@ def test_dump_and_reload_is_identity(tmp_path):
 
 
 def test_flatten_and_bounds():
-    cfg = ExperimentConfig(data={"batch_size": 8})
+    cfg = check_experiment(ExperimentConfig(data={"batch_size": 8}))
     flat = flatten(cfg.model_dump(mode="json"))
     assert flat["loss.weights.sdm"] == 1.0 and flat["optim.lr"] == 1e-5
     assert field_bounds("loss.mlm_mask_ratio") == (0.0, 1.0, False, False)
@@ -91,3 +91,20 @@ def test_flatten_and_bounds():
 def test_override_into_non_section_is_error():
     with pytest.raises(ConfigError):
         apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+
+
+def test_the_schema_alone_leaves_the_method_checks_to_experiment():
+    # tpr_core.config knows no method table: a method name or term it cannot judge passes the
+    # schema, and the checking entry points reject it with the same message.
+    tree = {"method": "clip4ever", "data": {"batch_size": 8}}
+    assert parse_config(tree).loss.weights == {}
+    with pytest.raises(ConfigError, match=r"unknown method 'clip4ever'; known methods: \['fmfa', 'irra', 'ivt', 'uit'\]"):
+        check_experiment(parse_config(tree))
+    with pytest.raises(ConfigError, match=r"invalid config here\.yaml:\n  unknown method 'clip4ever'"):
+        config_from_dict(tree, "here.yaml")
+
+
+def test_weights_for_another_method_name_its_terms():
+    with pytest.raises(ConfigError, match=r"loss.weights.mla is not a loss term of method 'fmfa'; its terms are "
+                       r"\['a_sdm', 'efa', 'id', 'mlm'\]"):
+        config_from_dict({"method": "fmfa", "loss": {"weights": {"mla": 1.0}}, "data": {"batch_size": 8}})

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tpr_core import export
-from tpr_core.config import load_config
 from tpr_core.data.tokenizer import Tokenizer
+from tpr_core.experiment import load_config
 from tpr_core.models import build_method, known_methods
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.tpr_core.test_models import Tok, _batch, _cfg
-from tpr_core.config import ExperimentConfig
 from tpr_core.distributed import LOCAL, GlobalBatch, batch_scope
+from tpr_core.experiment import config_from_dict
 from tpr_core.models import build_method, known_methods
 
 B = 16
@@ -40,7 +40,7 @@ CASES = {
 
 def _model(case: str):
     method, loss = CASES[case]
-    cfg = ExperimentConfig.model_validate({**_cfg(method).model_dump(), "loss": {**LOSS, **loss}})
+    cfg = config_from_dict({**_cfg(method).model_dump(), "loss": {**LOSS, **loss}})
     torch.manual_seed(1)
     model = build_method(cfg, num_classes=int(PIDS.max()) + 1, vocab=Tok())
     model.train()

@@ -19,7 +19,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
-from tpr_core.config import ExperimentConfig, ModelConfig, load_config
+from tpr_core.config import ExperimentConfig, ModelConfig
+from tpr_core.experiment import config_from_dict, load_config
 from tpr_core.models import build_method
 from tpr_core.models.ivt_pretrained import check_ivt_pretrained, resize_pos_embed
 from tpr_core.models.shared_encoder import build_shared_encoder, patch_grid
@@ -397,8 +398,8 @@ def test_checkpoints_of_other_sizes_are_refused(ckpts: dict, tmp_path: Path) -> 
 
 
 def test_config_fields() -> None:
-    ExperimentConfig(
-        method="ivt", model={"pretrained": "/x/vit", "pretrained_text": "/x/bert", "patch_stride": 12}
+    config_from_dict(
+        {"method": "ivt", "model": {"pretrained": "/x/vit", "pretrained_text": "/x/bert", "patch_stride": 12}}
     )
     for key, value in (
         ("pretrained_text", "/x/bert"),
@@ -407,8 +408,8 @@ def test_config_fields() -> None:
         ("text_dropout", 0.1),
     ):
         with pytest.raises(ValueError, match=rf"model.{key} applies to method 'ivt'"):
-            ExperimentConfig(method="irra", model={key: value})
-    ExperimentConfig(method="irra", model={"patch_stride": 16})  # = patch_size: no overlap, allowed
+            config_from_dict({"method": "irra", "model": {key: value}})
+    config_from_dict({"method": "irra", "model": {"patch_stride": 16}})  # = patch_size: no overlap, allowed
     with pytest.raises(ValueError, match="model.patch_stride 20 must be at most model.patch_size 16"):
         ModelConfig(patch_stride=20)
 

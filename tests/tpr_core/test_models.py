@@ -9,8 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpr_core.config import ExperimentConfig, ModelConfig
-from tpr_core.models import build_method, known_methods, method_spec
+from tpr_core.config import ConfigError, ExperimentConfig, ModelConfig
+from tpr_core.experiment import check_experiment, config_from_dict
+from tpr_core.models import (
+    MethodSpec,
+    build_method,
+    known_methods,
+    method_spec,
+    methods,
+    register_method,
+    registry,
+)
 from tpr_core.models.dual_encoder import build_dual_encoder, interpolate_pos_embed, pool_eos
 from tpr_core.models.heads import (
     IRRHead,
@@ -44,9 +53,11 @@ def _seeded(one_thread):
 
 
 def _cfg(method: str, **model) -> ExperimentConfig:
-    return ExperimentConfig(
-        method=method,
-        model={"preset": "tiny", "image_size": (H, W), "patch_size": P, "text_length": L, **model},
+    return check_experiment(
+        ExperimentConfig(
+            method=method,
+            model={"preset": "tiny", "image_size": (H, W), "patch_size": P, "text_length": L, **model},
+        )
     )
 
 
@@ -211,6 +222,61 @@ def test_unknown_batch_key_names_view() -> None:
     del batch["mlm_ids"]
     with pytest.raises(KeyError, match=r"irra.*'mlm_ids'.*view 'mlm'"):
         model(batch)
+
+
+# --------------------------------------------------------------------------- the method table
+
+
+def test_each_method_file_declares_its_recipe_on_its_class() -> None:
+    classes = {"irra": methods.IRRA, "fmfa": methods.FMFA, "uit": methods.UIT, "ivt": methods.IVT}
+    assert known_methods() == sorted(classes)
+    for name, cls in classes.items():
+        assert cls.spec is method_spec(name) and cls.spec.name == name
+        assert cls.__module__ == f"tpr_core.models.methods.{name}"
+        assert type(build_method(_cfg(name), num_classes=4, vocab=Tok())) is cls
+    assert {n: c.spec.encoder for n, c in classes.items()} == {
+        "irra": "dual", "fmfa": "dual", "uit": "dual", "ivt": "shared"
+    }
+
+
+def test_register_method_adds_a_name_and_refuses_a_duplicate(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the table as it was, after
+
+    @register_method(MethodSpec("irra_no_mlm", encoder="dual", terms={"sdm": 1.0, "id": 1.0}, views=("mlm",)))
+    class IRRANoMLM(methods.IRRA):
+        def loss_terms(self, outputs, batch, scope=None):
+            terms = super().loss_terms(outputs, batch)
+            return {k: terms[k] for k in self.spec.terms}
+
+    assert "irra_no_mlm" in known_methods() and IRRANoMLM.spec.name == "irra_no_mlm"
+    cfg = config_from_dict({"method": "irra_no_mlm", "loss": {"weights": {"id": 0.5}}, **_small()})
+    assert cfg.loss.weights == {"sdm": 1.0, "id": 0.5}
+    model = build_method(cfg, num_classes=4, vocab=Tok())
+    assert type(model) is IRRANoMLM
+    batch = _batch()
+    assert set(model.loss_terms(model(batch), batch)) == {"sdm", "id"}
+    with pytest.raises(ConfigError, match="loss.weights.mlm is not a loss term of method 'irra_no_mlm'"):
+        config_from_dict({"method": "irra_no_mlm", "loss": {"weights": {"mlm": 1.0}}, **_small()})
+    with pytest.raises(ValueError, match=r"method 'irra' is already registered \(by IRRA\)"):
+        register_method(MethodSpec("irra", encoder="dual", terms={"sdm": 1.0}))(IRRANoMLM)
+    with pytest.raises(ValueError, match="unknown encoder 'triple'"):
+        register_method(MethodSpec("x", encoder="triple", terms={"sdm": 1.0}))(IRRANoMLM)  # type: ignore[arg-type]
+    assert "x" not in known_methods()
+
+
+def test_encoder_only_model_fields_follow_the_recipe() -> None:
+    # The fields a shared-encoder recipe reads are refused for a dual-encoder one, by its kind.
+    for name in known_methods():
+        tree = {"method": name, "model": {**_small()["model"], "drop_path": 0.1}}
+        if method_spec(name).encoder == "shared":
+            assert config_from_dict(tree).model.drop_path == 0.1
+        else:
+            with pytest.raises(ConfigError, match=r"model.drop_path applies to method 'ivt' \(the shared encoder\) only"):
+                config_from_dict(tree)
+
+
+def _small() -> dict:
+    return {"model": {"preset": "tiny", "image_size": [H, W], "patch_size": P, "text_length": L}}
 
 
 # --------------------------------------------------------------------------- overfit

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from tests.tpr_core.test_models import Tok
-from tpr_core.config import ExperimentConfig, OptimConfig, load_config
+from tpr_core.config import ExperimentConfig, OptimConfig
+from tpr_core.experiment import load_config
 from tpr_core.models import build_method
 from tpr_core.optim import build_optimizer, build_scheduler, epoch_factor, lr_factor, param_groups
 

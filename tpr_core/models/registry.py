@@ -1,19 +1,31 @@
-"""Methods are recipes: a registry entry names the loss terms (with default weights) and
-the batch views a method needs, and a builder that makes its module from the config.
+"""The method table: each method's recipe and module class, registered by name.
 
-Tune chooses between names, never between import paths.
+A method file declares its recipe on its class (``@register_method(MethodSpec(...))``); the
+``tpr_core.models.methods`` package imports every method file, so importing anything under
+``tpr_core.models`` fills the table. Tune chooses between names, never between import paths.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from tpr_core.config import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from tpr_core.config import ExperimentConfig
+
+Encoder = Literal["dual", "shared"]
+
+# Model fields (``model.<field>``) that only one encoder kind reads; a recipe of another kind
+# must leave them unset.
+ENCODER_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "dual": (),
+    "shared": ("pretrained_text", "patch_stride", "drop_path", "text_dropout"),
+}
 
 
 @dataclass(frozen=True)
@@ -21,70 +33,61 @@ class MethodSpec:
     """What a method is made of.
 
     Attributes:
-        name: registry name.
+        name: registry name (``method:`` in a config).
+        encoder: ``dual`` (CLIP-style, ``model.pretrained`` a CLIP folder) or ``shared`` (one
+            transformer for both modalities); decides which ``ENCODER_ONLY_FIELDS`` a config
+            may set.
         terms: loss term name -> default weight (``loss.weights.<term>``).
         views: batch views the data side must build: ``mlm`` (masked caption + labels),
-            ``text_aug`` (UIT caption pruning), ``levels`` (IVT phrase and word texts).
-        sampler: default sampler (``random`` or ``identity``).
-        encoder: ``dual`` (CLIP-style) or ``shared`` (IVT).
+            ``text_aug`` (UIT caption pruning), ``levels`` (IVT phrase and word texts),
+            ``level_images`` (IVT's image view per level).
     """
 
     name: str
+    encoder: Encoder
     terms: dict[str, float]
     views: tuple[str, ...] = ()
-    sampler: str = "random"
-    encoder: str = "dual"
-    builder: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
 
-# The recipes. Default weights follow the papers: IRRA (Jiang & Ye, CVPR 2023) weighs
-# sdm, id and mlm equally; FMFA keeps IRRA's terms with A-SDM in place of SDM and adds
-# EFA; UIT adds a hardest-negative triplet and text-guided restoration; IVT aligns with CMPM
-# at the sentence, phrase and word levels (one term, ``mla``).
-_SPECS: dict[str, MethodSpec] = {
-    "irra": MethodSpec("irra", {"sdm": 1.0, "id": 1.0, "mlm": 1.0}, ("mlm",)),
-    "fmfa": MethodSpec("fmfa", {"a_sdm": 1.0, "efa": 1.0, "mlm": 1.0, "id": 1.0}, ("mlm",)),
-    "uit": MethodSpec("uit", {"sdm": 1.0, "id": 1.0, "triplet": 1.0, "restore": 1.0}, ("text_aug",)),
-    "ivt": MethodSpec(
-        "ivt",
-        {"mla": 1.0},
-        ("levels", "level_images"),
-        sampler="identity",
-        encoder="shared",
-    ),
-}
+_METHODS: dict[str, tuple[MethodSpec, Any]] = {}
+
+_Cls = TypeVar("_Cls")
 
 
-def known_methods() -> list[str]:
-    return sorted(_SPECS)
+def register_method(spec: MethodSpec) -> Callable[[_Cls], _Cls]:
+    """Class decorator: add ``spec`` and its class to the table; a name registered twice is an error.
 
+    The class gets the spec as ``cls.spec`` and must have a classmethod
+    ``build(cfg, num_classes, tokenizer) -> nn.Module``.
+    """
 
-def method_spec(name: str) -> MethodSpec:
-    """The spec of a registered method; an unknown name is an error listing the known ones."""
-    from tpr_core.config import ConfigError
-
-    try:
-        return _SPECS[name]
-    except KeyError:
-        raise ConfigError(f"unknown method {name!r}; known methods: {known_methods()}") from None
-
-
-def register_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Attach a builder ``fn(cfg, num_classes, vocab) -> nn.Module`` to a method spec."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        spec = method_spec(name)
-        _SPECS[name] = MethodSpec(spec.name, spec.terms, spec.views, spec.sampler, spec.encoder, fn)
-        return fn
+    def deco(cls: _Cls) -> _Cls:
+        if spec.name in _METHODS:
+            raise ValueError(f"method {spec.name!r} is already registered (by {_METHODS[spec.name][1].__qualname__})")
+        if spec.encoder not in ENCODER_ONLY_FIELDS:
+            raise ValueError(f"method {spec.name!r}: unknown encoder {spec.encoder!r}")
+        if not callable(getattr(cls, "build", None)):
+            raise TypeError(f"method {spec.name!r}: {cls!r} has no build(cfg, num_classes, tokenizer)")
+        cls.spec = spec  # type: ignore[attr-defined]
+        _METHODS[spec.name] = (spec, cls)
+        return cls
 
     return deco
 
 
+def known_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of a registered method; an unknown name is an error listing the known ones."""
+    try:
+        return _METHODS[name][0]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; known methods: {known_methods()}") from None
+
+
 def build_method(cfg: ExperimentConfig, num_classes: int, vocab: Any) -> nn.Module:
     """Build the module of ``cfg.method`` (see ``tpr_core.models`` for the interface)."""
-    import tpr_core.models.methods  # noqa: F401  (registers the builders)
-
-    spec = method_spec(cfg.method)
-    if spec.builder is None:
-        raise RuntimeError(f"method {cfg.method!r} has no builder registered")
-    return spec.builder(cfg, num_classes, vocab)
+    method_spec(cfg.method)  # an unknown name is a ConfigError
+    return _METHODS[cfg.method][1].build(cfg, num_classes, vocab)
