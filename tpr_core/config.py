@@ -207,7 +207,8 @@ class DataConfig(_Strict):
         description=(
             "random; identity: P identities x K instances per global batch (IRRA's identity sampler); "
             "identity_random_k: each identity 1..K instances, K drawn per identity and epoch (UIT/SEN's "
-            "idrannum)."
+            "idrannum). Left unset, the method's recipe decides (uit: identity_random_k; irra, fmfa, "
+            "ivt: random)."
         ),
     )
     instances_per_identity: int = Field(

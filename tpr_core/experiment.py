@@ -6,7 +6,8 @@
 - ``method`` names a registered method;
 - ``loss.weights`` names only terms of that method, and the terms it leaves out take the
   recipe's default weights (so every weight is a searchable, logged leaf);
-- model fields that only another encoder kind reads (``ENCODER_ONLY_FIELDS``) stay unset.
+- model fields that only another encoder kind reads (``ENCODER_ONLY_FIELDS``) stay unset;
+- ``data.sampler``, when the config leaves it unset, is the recipe's.
 
 ``load_config`` (a YAML file plus dotted overrides) and ``config_from_dict`` (a raw tree)
 parse and check; every caller that turns data into an :class:`ExperimentConfig` goes
@@ -42,9 +43,11 @@ def _encoder_fields(cfg: ExperimentConfig, encoder: str) -> None:
 
 
 def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check ``cfg`` against its method's recipe and fill in the default loss weights.
+    """Check ``cfg`` against its method's recipe and fill in the recipe's defaults.
 
-    Returns ``cfg`` itself, its ``loss.weights`` completed with the recipe's defaults.
+    Returns ``cfg`` with ``loss.weights`` completed with the recipe's default weights and, when
+    the config does not set ``data.sampler``, the recipe's sampler (the config validated again,
+    as the sampler takes part in the batch checks).
 
     Raises:
         ConfigError: an unknown method, a weight for a term the method lacks, or a model
@@ -57,6 +60,10 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
             f"loss.weights.{unknown[0]} is not a loss term of method {cfg.method!r}; "
             f"its terms are {sorted(spec.terms)}"
         )
+    if "sampler" not in cfg.data.model_fields_set and cfg.data.sampler != spec.sampler:
+        tree = cfg.model_dump()
+        tree["data"]["sampler"] = spec.sampler
+        cfg = parse_config(tree, f"<{cfg.method} recipe sampler>")
     full = {**spec.terms, **cfg.loss.weights}
     if full != cfg.loss.weights:
         object.__setattr__(cfg.loss, "weights", full)  # no re-validation: the values were checked

@@ -108,3 +108,17 @@ def test_weights_for_another_method_name_its_terms():
     with pytest.raises(ConfigError, match=r"loss.weights.mla is not a loss term of method 'fmfa'; its terms are "
                        r"\['a_sdm', 'efa', 'id', 'mlm'\]"):
         config_from_dict({"method": "fmfa", "loss": {"weights": {"mla": 1.0}}, "data": {"batch_size": 8}})
+
+
+def test_an_unset_sampler_is_the_recipes_and_a_set_one_is_kept(tmp_path):
+    # UIT's recipe trains with SEN's idrannum sampler; irra, fmfa and ivt shuffle.
+    base = {"data": {"batch_size": 8}}
+    assert config_from_dict({"method": "uit", **base}).data.sampler == "identity_random_k"
+    for method in ("irra", "fmfa", "ivt"):
+        assert config_from_dict({"method": method, **base}).data.sampler == "random"
+    explicit = config_from_dict({"method": "uit", "data": {"batch_size": 8, "sampler": "random"}})
+    assert explicit.data.sampler == "random"
+    # Filled once, the value is explicit: a dump and reload (a sweep trial) keeps it.
+    p = tmp_path / "uit.yaml"
+    p.write_text(dump_config(config_from_dict({"method": "uit", **base})))
+    assert load_config(p).data.sampler == "identity_random_k"

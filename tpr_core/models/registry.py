@@ -41,12 +41,15 @@ class MethodSpec:
         views: batch views the data side must build: ``mlm`` (masked caption + labels),
             ``text_aug`` (UIT caption pruning), ``levels`` (IVT phrase and word texts),
             ``level_images`` (IVT's image view per level).
+        sampler: the training sampler the authors use (``data.sampler`` when a config leaves
+            it unset): ``random``, ``identity`` or ``identity_random_k``.
     """
 
     name: str
     encoder: Encoder
     terms: dict[str, float]
     views: tuple[str, ...] = ()
+    sampler: str = "random"
 
 
 _METHODS: dict[str, tuple[MethodSpec, Any]] = {}

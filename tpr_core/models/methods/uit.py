@@ -22,7 +22,11 @@ from tpr_core.models.registry import MethodSpec, register_method
 
 @register_method(
     MethodSpec(
-        "uit", encoder="dual", terms={"sdm": 1.0, "id": 1.0, "triplet": 1.0, "restore": 1.0}, views=("text_aug",)
+        "uit",
+        encoder="dual",
+        terms={"sdm": 1.0, "id": 1.0, "triplet": 1.0, "restore": 1.0},
+        views=("text_aug",),
+        sampler="identity_random_k",  # SEN's --sampler idrannum
     )
 )
 class UIT(DualMethod):
