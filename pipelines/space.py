@@ -28,10 +28,9 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tpr_core.config import ConfigError, ExperimentConfig, apply_overrides, check_dotted_key
+from tpr_core.config import ConfigError, ExperimentConfig, apply_overrides, check_dotted_key, read_yaml
 from tpr_core.experiment import check_experiment, config_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
@@ -108,12 +107,7 @@ def _check_param(key: str, dist: dict[str, list[Any]], base: dict[str, Any], sou
 def load_space(path: str | Path, base: ExperimentConfig) -> SpaceFile:
     """Read and check a space file against ``base`` (the trial config before sampling)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"space {path} is not valid YAML: {e}") from None
+    raw = read_yaml(path, "space")
     try:
         space = SpaceFile.model_validate(raw)
     except ValidationError as e:

@@ -467,15 +467,21 @@ def parse_config(tree: dict[str, Any], source: str = "<dict>") -> ExperimentConf
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def read_config_tree(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
-    """The raw tree of a YAML config with dotted overrides applied (not validated)."""
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The content of a YAML file (``{}`` when empty), read safely (no object tags); a missing
+    file or invalid YAML raises ``error`` naming ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise error(f"{what} file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
+
+
+def read_config_tree(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    """The raw tree of a YAML config with dotted overrides applied (not validated)."""
+    tree = read_yaml(path, "config")
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     if overrides:

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from tpr_core.config import ExperimentConfig, dump_config
+from tpr_core.config import ExperimentConfig, dump_config, read_yaml
 from tpr_core.experiment import config_from_dict
 
 FORMAT_NAME = "tpr-export"
@@ -204,13 +203,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
 def read_config(path: str | Path) -> ExperimentConfig:
     """The resolved config of a model folder (validated)."""
     p = Path(path) / CONFIG_FILE
-    if not p.is_file():
-        raise ExportError(f"exported model folder has no config: {p} is missing")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ExportError(f"{p} is not valid YAML: {e}") from None
-    return config_from_dict(tree, str(p))
+    return config_from_dict(read_yaml(p, "exported model's config", ExportError), str(p))
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Exported:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tpr_core.data import synth
+from tpr_core.data.synth.attributes import SIGNATURE_KEYS
 
 N_IDS, N_IMGS, SIZE = 12, 2, (64, 32)
 KW = dict(identities=N_IDS, images_per_identity=N_IMGS, captions_per_image=2, size=SIZE)
@@ -176,24 +177,7 @@ def test_attributes_sidecar_uses_the_vocabulary(attrs: dict[int, dict]) -> None:
 
 def test_identities_share_outfits_but_are_all_distinct() -> None:
     ids = synth.make_identities(60, seed=0)
-    keys = (
-        "gender",
-        "build",
-        "hair_length",
-        "hair_color",
-        "upper_type",
-        "sleeve",
-        "upper_color",
-        "logo",
-        "lower_type",
-        "lower_color",
-        "shoe_color",
-        "bag",
-        "bag_color",
-        "bag_side",
-        "hat",
-        "glasses",
-    )
+    keys = SIGNATURE_KEYS  # the attributes a caption can name
     full = [tuple(a[k] for k in keys) for a in ids.values()]
     assert len(set(full)) == 60
     top_bottom = [(a["upper_color"], a["lower_color"]) for a in ids.values()]

@@ -28,24 +28,6 @@ from torch import nn
 
 from tpr_core.eval.metrics import QueryRanks, rank_gallery_from_features
 
-__all__ = [
-    "Encoded",
-    "Encoder",
-    "EvalResult",
-    "Gather",
-    "encode_dataset",
-    "encode_images",
-    "encode_split",
-    "encode_texts",
-    "evaluate",
-    "evaluate_features",
-    "evaluate_split",
-    "gather_local",
-    "module_encoder",
-    "rank_encoded",
-    "shard_positions",
-]
-
 Forward = Callable[[dict[str, torch.Tensor], str], torch.Tensor]
 """``forward(batch, side)``: (B, D) features of a batch on the encoding device; ``side`` is
 ``"image"`` (the batch holds ``images``) or ``"text"`` (``text_ids``, ``text_mask``)."""

@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,27 @@ def interpolate_pos_embed(
     grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)  # (gh'*gw', D)
     return torch.cat([cls, patches], dim=0)
+
+
+def init_clip_layers(layers: Iterable[nn.Module], width: int, depth: int, zero_mlp_bias: bool) -> None:
+    """CLIP's initialisation of a stack of ``CLIPEncoderLayer``: normal weights (attention
+    ``width**-0.5``, output projections ``width**-0.5 * (2 depth)**-0.5``, MLP input
+    ``(2 width)**-0.5``), zero attention biases, and zero MLP biases when ``zero_mlp_bias``
+    (otherwise nn.Linear's default)."""
+    attn_std = width**-0.5
+    proj_std = width**-0.5 * (2 * depth) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for layer in layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            nn.init.normal_(lin.weight, std=attn_std)
+            nn.init.zeros_(lin.bias)
+        nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(layer.self_attn.out_proj.bias)
+        nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
+        if zero_mlp_bias:
+            nn.init.zeros_(layer.mlp.fc1.bias)
+            nn.init.zeros_(layer.mlp.fc2.bias)
 
 
 def _tower_config(
@@ -258,19 +280,7 @@ class DualEncoder(nn.Module):
         nn.init.normal_(v.embeddings.patch_embedding.weight, std=0.02)
         for tower in (t, v):
             width, layers = tower.config.hidden_size, tower.config.num_hidden_layers
-            attn_std = width**-0.5
-            proj_std = width**-0.5 * (2 * layers) ** -0.5
-            fc_std = (2 * width) ** -0.5
-            for layer in tower.encoder.layers:
-                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    nn.init.normal_(lin.weight, std=attn_std)
-                    nn.init.zeros_(lin.bias)
-                nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
-                nn.init.zeros_(layer.self_attn.out_proj.bias)
-                nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
-                nn.init.zeros_(layer.mlp.fc1.bias)
-                nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
-                nn.init.zeros_(layer.mlp.fc2.bias)
+            init_clip_layers(tower.encoder.layers, width, layers, zero_mlp_bias=True)
         nn.init.normal_(self.visual_projection.weight, std=vw**-0.5)
         nn.init.normal_(self.text_projection.weight, std=t.config.hidden_size**-0.5)
 
@@ -432,27 +442,16 @@ def load_clip_dir(
             f"model.pretrained {path}; use the CLIP tokenizer with a pretrained CLIP"
         )
 
-    def size(c: CLIPVisionConfig | CLIPTextConfig) -> TowerSize:
-        return TowerSize(c.hidden_size, c.num_hidden_layers, c.num_attention_heads)
+    def tower(kind: type, c: CLIPVisionConfig | CLIPTextConfig, **extra: Any) -> Any:
+        """A tower config of the checkpoint's sizes, norm epsilon and activation."""
+        size = TowerSize(c.hidden_size, c.num_hidden_layers, c.num_attention_heads)
+        return _tower_config(
+            kind, size, intermediate=c.intermediate_size, layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
+            **extra,
+        )  # fmt: skip
 
-    common = {"layer_norm_eps": vc.layer_norm_eps, "hidden_act": vc.hidden_act}
-    vcfg = _tower_config(
-        CLIPVisionConfig,
-        size(vc),
-        intermediate=vc.intermediate_size,
-        patch_size=patch_size,
-        image_size=max(image_size),
-        **common,
-    )
-    common = {"layer_norm_eps": tc.layer_norm_eps, "hidden_act": tc.hidden_act}
-    tcfg = _tower_config(
-        CLIPTextConfig,
-        size(tc),
-        intermediate=tc.intermediate_size,
-        vocab_size=vocab_size,
-        max_position_embeddings=text_length,
-        **common,
-    )
+    vcfg = tower(CLIPVisionConfig, vc, patch_size=patch_size, image_size=max(image_size))
+    tcfg = tower(CLIPTextConfig, tc, vocab_size=vocab_size, max_position_embeddings=text_length)
     enc = DualEncoder(vcfg, tcfg, cc.projection_dim, image_size)
 
     state = {

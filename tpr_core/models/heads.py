@@ -20,6 +20,8 @@ from transformers import CLIPTextConfig
 from transformers.activations import QuickGELUActivation
 from transformers.models.clip.modeling_clip import CLIPEncoder
 
+from tpr_core.models.dual_encoder import init_clip_layers
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -70,17 +72,7 @@ def _init_transformer(stack: CLIPEncoder, width: int, depth: int) -> None:
     # IRRA (and SEN) initialise their cross-modal transformers like CLIP's text transformer:
     # normal weights; the attention biases are zero (nn.MultiheadAttention's packed in_proj
     # and out_proj biases start at zero), the MLP biases keep nn.Linear's default uniform init.
-    attn_std = width**-0.5
-    proj_std = width**-0.5 * (2 * depth) ** -0.5
-    fc_std = (2 * width) ** -0.5
-    for layer in stack.layers:
-        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            nn.init.normal_(lin.weight, std=attn_std)
-            nn.init.zeros_(lin.bias)
-        nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
-        nn.init.zeros_(layer.self_attn.out_proj.bias)
-        nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
-        nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
+    init_clip_layers(stack.layers, width, depth, zero_mlp_bias=False)
 
 
 # --------------------------------------------------------------------------- IRR

@@ -55,7 +55,7 @@ LOGO_COLORS = ("white", "black", "red", "yellow", "blue")
 _SKINS = ((232, 192, 164), (198, 150, 112), (120, 84, 60))
 _LOGO_SHAPES = ("square", "circle", "triangle")
 #: The attributes a caption can name: no two identities share all of them.
-_SIGNATURE_KEYS = (
+SIGNATURE_KEYS = (
     "gender",
     "build",
     "hair_length",
@@ -105,7 +105,7 @@ def _draw_outfit(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _signature(a: dict[str, Any]) -> tuple:
-    return tuple(a[k] for k in _SIGNATURE_KEYS)
+    return tuple(a[k] for k in SIGNATURE_KEYS)
 
 
 def make_identities(identities: int, seed: int) -> dict[int, dict[str, Any]]:
