@@ -67,6 +67,14 @@ def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
     return config_from_dict(data)
 
 
+def _shared_encoder(cfg: ExperimentConfig) -> bool:
+    """Whether the method's recipe uses the shared encoder (timm ViT + BERT weights, BERT's
+    WordPiece vocabulary) rather than the CLIP-style dual encoder."""
+    from tpr_core.models import method_spec
+
+    return method_spec(cfg.method).encoder == "shared"
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -92,8 +100,9 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise PreflightError(
                 "distributed.precision=bf16 requested on a CPU without bf16 support (no avx512_bf16/amx_bf16); use fp32"
             )
-    if cfg.method == "ivt":
-        # ivt: a timm ViT file (model.pretrained) and a BERT folder (model.pretrained_text).
+    if _shared_encoder(cfg):
+        # the shared encoder (ivt): a timm ViT file (model.pretrained) and a BERT folder
+        # (model.pretrained_text).
         from tpr_core.models.ivt_pretrained import check_ivt_pretrained
 
         try:
@@ -154,12 +163,13 @@ def ensure_tokenizer(cfg: ExperimentConfig, out_dir: str) -> str:
     out = Path(out_dir)
     if (out / "tpr_tokenizer.json").exists():
         return str(out)
-    if cfg.method == "ivt" and cfg.model.pretrained_text:
+    shared = _shared_encoder(cfg)
+    if shared and cfg.model.pretrained_text:
         try:
             tok = Tokenizer.from_bert(cfg.model.pretrained_text, max_length=cfg.model.text_length)
         except (ValueError, FileNotFoundError) as e:
             raise PreflightError(f"model.pretrained_text {cfg.model.pretrained_text}: {e}") from None
-    elif cfg.method != "ivt" and cfg.model.pretrained:
+    elif not shared and cfg.model.pretrained:
         tok = Tokenizer.from_clip(cfg.model.pretrained, max_length=cfg.model.text_length)
     else:
         train = load_split(cfg.data.root, "train")

@@ -135,6 +135,8 @@ def save_exported(
     """
     from safetensors.torch import save_file
 
+    from tpr_core.models import method_spec
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = dict(extra or {})
@@ -145,7 +147,7 @@ def save_exported(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "method": cfg.method})
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
         tokenizer.save(tmp / TOKENIZER_DIR)
-        if cfg.model.pretrained is not None and cfg.method != "ivt":
+        if cfg.model.pretrained is not None and method_spec(cfg.method).encoder == "dual":
             # The tower sizes of a model started from CLIP weights come from that CLIP's
             # config: keep it, so the folder loads without the original CLIP directory.
             (tmp / CLIP_CONFIG_DIR).mkdir()
@@ -223,7 +225,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     from safetensors.torch import load_file
 
     from tpr_core.data.tokenizer import Tokenizer
-    from tpr_core.models import build_method
+    from tpr_core.models import build_method, method_spec
     from tpr_core.models.dual_encoder import clip_skeleton
 
     root = Path(path)
@@ -244,7 +246,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
 
     saved_cfg, skeleton = cfg, contextlib.nullcontext()
-    if cfg.method == "ivt":
+    if method_spec(cfg.method).encoder == "shared":
         # The shared encoder's sizes are the preset's; its ViT / BERT starting weights are
         # replaced by the folder's below, so the checkpoint files are neither read nor needed
         # (nor is the tokenizer checked against BERT's vocab.txt: it is the one saved here).
