@@ -67,6 +67,34 @@ def absolutize(cfg: ExperimentConfig) -> ExperimentConfig:
     return config_from_dict(data)
 
 
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse a run whose workers cannot all start, when the cluster is known: the local Ray tpr
+    starts (no ``RAY_ADDRESS``: this machine's CPUs and GPUs) or the one this process already
+    runs. A remote cluster (``RAY_ADDRESS``) may autoscale, so it is not judged here."""
+    import ray
+    import torch
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    if ray.is_initialized():
+        res = ray.cluster_resources()
+        cpus, gpus, where = res.get("CPU", 0.0), res.get("GPU", 0.0), "the local Ray instance"
+    else:
+        cpus, gpus, where = len(os.sched_getaffinity(0)), torch.cuda.device_count(), "this machine"
+    d = cfg.distributed
+    need = d.num_workers * d.cpus_per_worker
+    if need > cpus:
+        raise PreflightError(
+            f"distributed.num_workers {d.num_workers} x distributed.cpus_per_worker {d.cpus_per_worker:g} = "
+            f"{need:g} CPUs, but {where} has {cpus:g}; lower them or set RAY_ADDRESS to a cluster"
+        )
+    if d.use_gpu and d.num_workers > gpus:
+        raise PreflightError(
+            f"distributed.num_workers {d.num_workers} with distributed.use_gpu=true needs {d.num_workers} GPUs, "
+            f"but {where} has {gpus:g}; lower it or set RAY_ADDRESS to a cluster"
+        )
+
+
 def _shared_encoder(cfg: ExperimentConfig) -> bool:
     """Whether the method's recipe uses the shared encoder (timm ViT + BERT weights, BERT's
     WordPiece vocabulary) rather than the CLIP-style dual encoder."""
@@ -87,6 +115,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Errors that must stop a run before Ray starts any worker."""
     import torch
 
+    check_resources(cfg)
     d = cfg.distributed
     if d.use_gpu:
         if torch.cuda.is_available() and d.precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -12,21 +12,85 @@ same paths are used by command-line overrides and by Ray Tune search spaces.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tpr_core.data.formats import FORMATS
+
+# Largest image side a config accepts: the papers train on 384 x 128 crops.
+MAX_IMAGE_SIDE = 2048
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key named in the message."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str | int | float) or key == "<<":
+            continue  # unhashable keys are construct_mapping's to refuse; merge keys may repeat
+        if key in seen:
+            raise DuplicateKeyError(None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_bool(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_bool(v) for v in value.values())
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    """A config section: unknown keys, NaN and infinities are errors, and so is a boolean where
+    the field holds no boolean (pydantic would read ``true`` as 1 or 1.0)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return value  # a section checks its own fields
+        if "bool" not in str(field.annotation) and _has_bool(value):
+            ann = field.annotation
+            raise ValueError(f"{value!r}: a boolean where {ann.__name__ if isinstance(ann, type) else ann} is expected")
+        return value
 
 
 class ModelConfig(_Strict):
@@ -82,6 +146,8 @@ class ModelConfig(_Strict):
     def _divisible(cls, v: tuple[int, int]) -> tuple[int, int]:
         if v[0] <= 0 or v[1] <= 0:
             raise ValueError("image_size must be positive")
+        if max(v) > MAX_IMAGE_SIDE:
+            raise ValueError(f"image_size {tuple(v)}: a side over {MAX_IMAGE_SIDE} pixels is not a pedestrian crop")
         return v
 
     @model_validator(mode="after")
@@ -163,8 +229,8 @@ class LossConfig(_Strict):
     @classmethod
     def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
         for k, w in v.items():
-            if w < 0:
-                raise ValueError(f"loss.weights.{k} must be >= 0, got {w}")
+            if not (math.isfinite(w) and w >= 0):  # NaN fails every comparison: ask for finite
+                raise ValueError(f"loss.weights.{k} must be finite and >= 0, got {w}")
         return v
 
 
@@ -270,7 +336,7 @@ class OptimConfig(_Strict):
         description="Decay 1-D non-bias parameters (norm scales, class token) too, as the authors' code; "
         "false exempts them (tpr's earlier rule; tiny configs).",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas, each in [0, 1).")
     eps: float = Field(1e-3, gt=0.0, le=1.0, description="Adam/AdamW epsilon (IRRA's Adam: 1e-3).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only; no dampening, no Nesterov).")
     schedule_unit: Literal["epoch", "step"] = Field(
@@ -298,6 +364,13 @@ class OptimConfig(_Strict):
         None, ge=1, description="Cosine length T in epochs; null: train.epochs."
     )
     grad_clip: float = Field(0.0, ge=0.0, description="Gradient norm clipping; 0 disables it.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"optim.betas {tuple(v)}: each must be in [0, 1)")
+        return v
 
     @field_validator("head_modules", "head_bias_modules")
     @classmethod
@@ -392,7 +465,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def _parse_value(text: str) -> Any:
     """Parse an override value with YAML rules (``1e-5`` -> float, ``[1, 2]`` -> list, ``null``)."""
     try:
-        v = yaml.safe_load(text)
+        v = safe_load_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override value {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         return text
     # YAML 1.1 reads "1e-5" as a string; accept the usual float spellings.
@@ -474,7 +549,7 @@ def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError)
     if not path.is_file():
         raise error(f"{what} file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return safe_load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise error(f"{what} {path} is not valid YAML: {e}") from None
 

@@ -122,3 +122,39 @@ def test_an_unset_sampler_is_the_recipes_and_a_set_one_is_kept(tmp_path):
     p = tmp_path / "uit.yaml"
     p.write_text(dump_config(config_from_dict({"method": "uit", **base})))
     assert load_config(p).data.sampler == "identity_random_k"
+
+
+@pytest.mark.parametrize(
+    "section, value, needle",
+    [
+        ({"loss": {"weights": {"id": float("nan")}}}, None, r"loss.weights.id: Input should be a finite number"),
+        ({"loss": {"weights": {"sdm": float("inf")}}}, None, r"loss.weights.sdm: Input should be a finite number"),
+        ({"optim": {"betas": [0.9, 1.0]}}, None, r"optim.betas: .*each must be in \[0, 1\)"),
+        ({"optim": {"betas": [-0.1, 0.9]}}, None, r"optim.betas: .*each must be in \[0, 1\)"),
+        ({"optim": {"warmup_epochs": float("inf")}}, None, r"optim.warmup_epochs: Input should be a finite number"),
+        ({"optim": {"eps": float("inf")}}, None, r"optim.eps: Input should be a finite number"),
+        ({"optim": {"grad_clip": float("inf")}}, None, r"optim.grad_clip: Input should be a finite number"),
+        ({"train": {"epochs": True}}, None, r"train.epochs: .*True: a boolean where int is expected"),
+        ({"optim": {"lr": False}}, None, r"optim.lr: .*False: a boolean where float is expected"),
+        ({"model": {"image_size": [True, 128]}}, None, r"model.image_size: .*a boolean where"),
+        ({"model": {"image_size": [65536, 128]}}, None, r"model.image_size: .*over 2048 pixels"),
+    ],
+)
+def test_values_no_run_could_use_are_refused_naming_the_key(section, value, needle):
+    tree = {"method": "irra", "data": {"batch_size": 8}, **section}
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(tree, "c.yaml")
+
+
+def test_booleans_stay_booleans_where_the_field_is_one():
+    cfg = config_from_dict({"method": "irra", "data": {"batch_size": 8, "augment": False}})
+    assert cfg.data.augment is False
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: irra\ndata:\n  batch_size: 8\ntrain:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"(?s)config .*c.yaml is not valid YAML: key 'epochs' is given twice.*line 6"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="key 'a' is given twice"):
+        load_config(_write(tmp_path, {"method": "irra", "data": {"batch_size": 8}}), ["loss.weights={a: 1, a: 2}"])
