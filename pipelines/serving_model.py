@@ -12,8 +12,12 @@ Artifacts (``context.artifacts``)
                  fixed_size_list<float32>[D] (L2-normalised image feature).
 
 Input
-    A DataFrame with a ``text`` column (one query per row); params ``{"top_k": int}``
-    (default 10, capped at the gallery size).
+    A DataFrame with a ``text`` column (one query per row), or a plain list of strings; params
+    ``{"top_k": int}`` (default 10, capped at the gallery size). Every query must be a string
+    with visible characters (``None``, bytes, numbers, lists and blank or invisible-only texts
+    are refused, naming the row). A query is cut to ``MAX_QUERY_CHARS_PER_TOKEN`` characters per
+    token of the model's text length before tokenizing: more can never reach the encoder, and a
+    huge text would otherwise cost the tokenizer minutes and gigabytes.
 
 Output
     One row per query, which serialises cleanly through ``/invocations`` as
@@ -32,8 +36,39 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from tpr_core.data.text import is_blank
+
 DEFAULT_TOP_K = 10
 _TEXT_BATCH = 256
+# A query token is never longer than this many characters, so text beyond
+# text_length x this cannot change what the encoder sees.
+MAX_QUERY_CHARS_PER_TOKEN = 64
+
+
+def query_texts(model_input: Any, max_chars: int) -> list[str]:
+    """The query strings of a request, each cut to ``max_chars``; a value that is not a string,
+    or a blank one, is a ``ValueError`` naming its row."""
+    if isinstance(model_input, pd.DataFrame):
+        if "text" not in model_input.columns:
+            raise ValueError(f"model input: field 'text' missing; columns are {list(model_input.columns)}")
+        values = model_input["text"].tolist()
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise ValueError(
+            f"model input must be a DataFrame with a 'text' column or a list of strings, "
+            f"got {type(model_input).__name__}"
+        )
+    texts = []
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and value != value):  # pandas reads a null as NaN
+            raise ValueError(f"model input row {row}: field 'text' is missing (null)")
+        if not isinstance(value, str):
+            raise ValueError(f"model input row {row}: field 'text' must be a string, got {type(value).__name__}")
+        if is_blank(value):
+            raise ValueError(f"model input row {row}: field 'text' is empty (no visible characters)")
+        texts.append(value[:max_chars])
+    return texts
 
 
 class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
@@ -70,7 +105,8 @@ class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
 
         Args:
             context: MLflow's model context (unused after loading).
-            model_input: DataFrame with a ``text`` column (a list of strings is accepted too).
+            model_input: DataFrame with a ``text`` column, or a list of strings (see the module
+                docstring for what a query must be).
             params: ``{"top_k": int}``.
 
         Returns:
@@ -79,24 +115,12 @@ class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
         import torch
         import torch.nn.functional as F
 
-        if isinstance(model_input, pd.DataFrame):
-            if "text" not in model_input.columns:
-                raise ValueError(
-                    f"model input: field 'text' missing; columns are {list(model_input.columns)}"
-                )
-            texts = [str(t) for t in model_input["text"].tolist()]
-        elif isinstance(model_input, (list, tuple)):
-            texts = [str(t) for t in model_input]
-        else:
-            raise ValueError(
-                f"model input must be a DataFrame with a 'text' column, got {type(model_input).__name__}"
-            )
+        model, tok, cfg = self._exported.model, self._exported.tokenizer, self._exported.cfg
+        texts = query_texts(model_input, cfg.model.text_length * MAX_QUERY_CHARS_PER_TOKEN)
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         if top_k < 1:
             raise ValueError(f"param top_k must be >= 1, got {top_k}")
         k = min(top_k, self._gallery.shape[0])
-
-        model, tok, cfg = self._exported.model, self._exported.tokenizer, self._exported.cfg
         feats = []
         with torch.no_grad():
             for s in range(0, len(texts), _TEXT_BATCH):

@@ -90,6 +90,17 @@ def test_top_k_param_default_and_cap(pyfunc):
         pyfunc.predict(pd.DataFrame({"query": ["x"]}))
 
 
+def test_bad_queries_are_refused_and_long_ones_cut(pyfunc):
+    for bad, needle in ((None, "is missing"), ("  ", "is empty")):
+        with pytest.raises(Exception, match=needle):
+            pyfunc.predict(pd.DataFrame({"text": ["a man", bad]}))
+    text = "a woman with a black backpack "
+    long = pyfunc.predict(pd.DataFrame({"text": [text * 200_000]}))  # 6 MB
+    bound = pyfunc.unwrap_python_model().cfg.model.text_length * 64  # MAX_QUERY_CHARS_PER_TOKEN
+    cut = pyfunc.predict(pd.DataFrame({"text": [(text * 200_000)[:bound]]}))
+    assert long["image_ids"][0] == cut["image_ids"][0] and long["scores"][0] == cut["scores"][0]
+
+
 def test_search_finds_the_described_person_above_chance(pyfunc):
     """Fresh descriptions of the val identities (not dataset captions) find them at rank 1 far
     more often than chance (2 of 18 images are the person's: 11 %)."""

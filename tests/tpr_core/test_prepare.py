@@ -372,6 +372,11 @@ BAD_CASES: dict[str, tuple[Any, str, str]] = {
     ),
     "truncated image": (_truncate, "file_path", "truncated"),
     "empty caption": (lambda root, r: r["captions"].__setitem__(1, " \n"), "captions[1]", "empty caption"),
+    "invisible caption": (
+        lambda root, r: r["captions"].__setitem__(0, "\u200b\u200d\ufeff \u3164"),
+        "captions[0]",
+        "empty caption",
+    ),
     "empty caption list": (lambda root, r: r.__setitem__("captions", []), "captions", "empty caption list"),
     "unknown split": (lambda root, r: r.__setitem__("split", "dev"), "split", "unknown split 'dev'"),
     "missing field": (lambda root, r: r.pop("split"), "split", "missing field"),
@@ -611,3 +616,10 @@ def test_readers_name_a_missing_or_incomplete_root(tmp_path: Path) -> None:
     (out / MANIFEST_NAME).write_text('{"manifest_version": 99}')
     with pytest.raises(DataFormatError, match="manifest_version 99"):
         read_manifest(out)
+
+
+def test_blank_text_is_what_shows_nothing() -> None:
+    from tpr_core.data.text import is_blank
+
+    assert is_blank("") and is_blank(" \n\t") and is_blank("\u200b\u200c\u200d\u2060\ufeff\u00ad\u3164\u2800")
+    assert not is_blank("a") and not is_blank("\u200ba\u200b") and not is_blank("人") and not is_blank(".")

@@ -38,6 +38,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tpr_core import __version__
 from tpr_core.data.formats import FORMATS, FormatSpec
 from tpr_core.data.store import MANIFEST_VERSION, SCHEMA, SPLITS, DataFormatError, write_manifest
+from tpr_core.data.text import is_blank
 
 MAX_REPORTED_ERRORS = 20
 
@@ -250,8 +251,8 @@ def _parse_record(
         for j, c in enumerate(caps):
             if not isinstance(c, str):
                 bad(f"captions[{j}]", f"wrong type: expected string, got {_tname(c)}")
-            elif not c.strip():
-                bad(f"captions[{j}]", "empty caption")
+            elif is_blank(c):
+                bad(f"captions[{j}]", "empty caption (no visible characters)")
             else:
                 # The distributed files carry trailing spaces and newlines on some captions.
                 captions.append(c.strip())
