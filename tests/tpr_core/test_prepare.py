@@ -378,6 +378,7 @@ BAD_CASES: dict[str, tuple[Any, str, str]] = {
         "empty caption",
     ),
     "empty caption list": (lambda root, r: r.__setitem__("captions", []), "captions", "empty caption list"),
+    "id beyond int64": (lambda root, r: r.__setitem__("id", 2**63), "id", "does not fit in int64"),
     "unknown split": (lambda root, r: r.__setitem__("split", "dev"), "split", "unknown split 'dev'"),
     "missing field": (lambda root, r: r.pop("split"), "split", "missing field"),
     "id as string": (lambda root, r: r.__setitem__("id", "3"), "id", "expected int, got string"),
@@ -623,3 +624,46 @@ def test_blank_text_is_what_shows_nothing() -> None:
 
     assert is_blank("") and is_blank(" \n\t") and is_blank("\u200b\u200c\u200d\u2060\ufeff\u00ad\u3164\u2800")
     assert not is_blank("a") and not is_blank("\u200ba\u200b") and not is_blank("人") and not is_blank(".")
+
+
+def test_json_nested_too_deep_is_refused_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "CUHK"
+    build_cuhk(root)
+    (root / "reid_raw.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataFormatError, match=r"reid_raw\.json: JSON nested too deeply"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_is_refused_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "CUHK"
+    dump(root, "cuhk-pedes", build_cuhk(root))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DataFormatError, match=rf"cannot write the prepared dataset to {blocker}/out"):
+        prepare("cuhk-pedes", root, blocker / "out")
+
+
+def test_a_full_disk_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    root, out = tmp_path / "CUHK", tmp_path / "out"
+    dump(root, "cuhk-pedes", build_cuhk(root))
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out) + ".tmp-1/part-0.parquet")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(DataFormatError, match=rf"cannot write the prepared dataset to {out} .*No space left on device"):
+        prepare("cuhk-pedes", root, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CUHK"]
+
+
+def test_a_nul_in_a_path_is_a_bad_record_not_a_traceback(tmp_path: Path) -> None:
+    root = tmp_path / "CUHK"
+    records = build_cuhk(root)
+    records[2]["file_path"] = "a\x00b.jpg"
+    dump(root, "cuhk-pedes", records)
+    with pytest.raises(DataFormatError, match=r"record 2 \(path 'a\\x00b\.jpg'\): field 'file_path': .*NUL character"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+    no_leftovers(tmp_path / "out")

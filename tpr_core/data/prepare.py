@@ -180,6 +180,8 @@ def _load_json(ann: Path) -> list[Any]:
         raise DataFormatError(f"{ann}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataFormatError(f"{ann}: cannot read annotation file: {e.strerror or e}") from None
+    except RecursionError:
+        raise DataFormatError(f"{ann}: JSON nested too deeply to be a list of records") from None
     if not isinstance(data, list):
         raise DataFormatError(f"{ann}: expected a JSON list of records at the top level, got {_tname(data)}")
     return data
@@ -213,6 +215,8 @@ def _parse_record(
         p = PurePosixPath(rec[pf])
         if not rec[pf].strip():
             problems.append(_Problem(index, rec[pf], pf, "empty image path"))
+        elif "\x00" in rec[pf]:
+            problems.append(_Problem(index, rec[pf], pf, "image path contains a NUL character"))
         elif p.is_absolute() or ".." in p.parts or "\\" in rec[pf]:
             problems.append(
                 _Problem(
@@ -230,6 +234,8 @@ def _parse_record(
         bad("id", "missing field")
     elif isinstance(orig_id, bool) or not isinstance(orig_id, int):
         bad("id", f"wrong type: expected int, got {_tname(orig_id)}")
+    elif not -(2**63) <= orig_id < 2**63:
+        bad("id", f"out of range: {orig_id} does not fit in int64")
 
     split = rec.get("split")
     if "split" not in rec:
@@ -513,7 +519,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
-    """Call ``fill(tmp)`` on a fresh ``OUT.tmp-<pid>`` next to ``out``, then move it to ``out``."""
+    """Call ``fill(tmp)`` on a fresh ``OUT.tmp-<pid>`` next to ``out``, then move it to ``out``;
+    a write that fails (no permission, a full disk) is a ``DataFormatError`` naming ``out``, with
+    nothing left behind."""
+    try:
+        _fill_and_move(out, overwrite, fill)
+    except DataFormatError:
+        raise
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise DataFormatError(f"cannot write the prepared dataset to {out}{where}: {e.strerror or e}") from None
+
+
+def _fill_and_move(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     old = out.parent / f"{out.name}.old-{os.getpid()}"
