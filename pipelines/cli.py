@@ -61,13 +61,17 @@ def data_prepare(
         0.1, "--val-fraction", min=0.0, max=0.5, help="ICFG-PEDES: share of train identities held out as val."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the ICFG-PEDES val split."),
+    max_pixels: int = typer.Option(
+        2048 * 2048, "--max-pixels", min=1, help="Largest image (width x height); larger ones are bad records."
+    ),
 ) -> None:
     """Validate a raw dataset and write it as Parquet shards."""
     from tpr_core.data.prepare import DataFormatError, prepare
 
     try:
         manifest = prepare(
-            fmt, root, out, shard_rows=shard_rows, skip_bad=skip_bad, val_fraction=val_fraction, seed=seed
+            fmt, root, out, shard_rows=shard_rows, skip_bad=skip_bad, val_fraction=val_fraction, seed=seed,
+            max_pixels=max_pixels,
         )
     except DataFormatError as e:
         fail(str(e))

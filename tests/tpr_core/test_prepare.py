@@ -667,3 +667,29 @@ def test_a_nul_in_a_path_is_a_bad_record_not_a_traceback(tmp_path: Path) -> None
     with pytest.raises(DataFormatError, match=r"record 2 \(path 'a\\x00b\.jpg'\): field 'file_path': .*NUL character"):
         prepare("cuhk-pedes", root, tmp_path / "out")
     no_leftovers(tmp_path / "out")
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    root = tmp_path / "CUHK"
+    records = build_cuhk(root)
+    # A 12,500 x 12,000 PNG of one colour: about 150 kB on disk, 450 MB decoded.
+    big = root / "imgs" / records[2]["file_path"]
+    Image.new("RGB", (12_500, 12_000)).save(big.with_suffix(".png"), format="PNG")
+    big.unlink()
+    records[2]["file_path"] = str(Path(records[2]["file_path"]).with_suffix(".png"))
+    dump(root, "cuhk-pedes", records)
+    with pytest.raises(DataFormatError, match=r"record 2 .*image of 12500x12000 pixels is over the limit of 4194304"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pixel_limit_is_the_callers(tmp_path: Path) -> None:
+    root = tmp_path / "CUHK"
+    records = build_cuhk(root)
+    wide = root / "imgs" / records[2]["file_path"]
+    Image.new("RGB", (2100, 2100)).save(wide, format="JPEG")  # 4.4 MP: over the default
+    dump(root, "cuhk-pedes", records)
+    with pytest.raises(DataFormatError, match=r"image of 2100x2100 pixels is over the limit"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+    prepare("cuhk-pedes", root, tmp_path / "out", max_pixels=2100 * 2100)
+    assert (tmp_path / "out" / "_manifest.json").is_file()

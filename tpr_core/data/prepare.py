@@ -41,6 +41,9 @@ from tpr_core.data.store import MANIFEST_VERSION, SCHEMA, SPLITS, DataFormatErro
 from tpr_core.data.text import is_blank
 
 MAX_REPORTED_ERRORS = 20
+# Largest image accepted by default: pedestrian crops are a few hundred pixels a side; a
+# 2048 x 2048 image decodes to 12 MB, a 12,500 x 12,000 one (a 146 kB PNG can be) to 450 MB.
+DEFAULT_MAX_PIXELS = 2048 * 2048
 
 # Image decode checks dominate the cost of a prepare; Pillow releases the GIL while decoding.
 _CHECK_THREADS = max(2, min(4, os.cpu_count() or 2))
@@ -88,6 +91,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Validate a raw dataset and write it as Parquet shards plus ``_manifest.json``.
 
@@ -101,6 +105,8 @@ def prepare(
             held out as the val split.
         seed: Formats without a val split: seed of the val identity draw.
         overwrite: Replace an existing non-empty ``out``.
+        max_pixels: Largest image (width x height) accepted; a larger one is a bad record,
+            refused from its header before any pixel is decoded.
 
     Returns:
         The manifest, as written to ``out/_manifest.json``.
@@ -115,7 +121,7 @@ def prepare(
 
     ann = _find_annotation(spec, root)
     raw = _load_json(ann)
-    problems, records = _validate(spec, root, raw)
+    problems, records = _validate(spec, root, raw, max_pixels)
     if problems and not skip_bad:
         raise DataFormatError(_problems_message(ann, problems))
     if not records:
@@ -272,8 +278,9 @@ def _maybe_str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _check_image(file: Path) -> tuple[str | None, str | None]:
-    """Read and fully decode one image; returns (sha256 of its bytes, None) or (None, reason)."""
+def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
+    """Read and fully decode one image no larger than ``max_pixels``; returns (sha256 of its
+    bytes, None) or (None, reason)."""
     try:
         data = file.read_bytes()
     except FileNotFoundError:
@@ -286,6 +293,9 @@ def _check_image(file: Path) -> tuple[str | None, str | None]:
         return None, f"empty image file: {file}"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size  # from the header: nothing decoded yet
+            if w * h > max_pixels:
+                return None, f"image of {w}x{h} pixels is over the limit of {max_pixels} (max_pixels): {file}"
             if im.format == "JPEG":
                 # Decode at 1/8 scale: libjpeg still reads every entropy-coded byte (truncation
                 # still raises) but skips most of the IDCT; about 1.6x faster than full size.
@@ -302,16 +312,18 @@ def _check_image(file: Path) -> tuple[str | None, str | None]:
 @contextlib.contextmanager
 def _strict_pillow() -> Iterator[None]:
     # A process-wide flag some training code sets; a prepare must see truncation as an error.
-    old = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's own bomb check is off: _check_image refuses large images from their header with
+    # the caller's limit, before Pillow would decode them.
+    old = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
     try:
         yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = old
 
 
 def _validate(
-    spec: FormatSpec, root: Path, raw: list[Any]
+    spec: FormatSpec, root: Path, raw: list[Any], max_pixels: int
 ) -> tuple[list[_Problem], list[tuple[_Record, str]]]:
     """Check every record; returns (problems, [(good record, image digest)]) in record order."""
     problems: dict[int, list[_Problem]] = {}
@@ -331,7 +343,7 @@ def _validate(
     img_dir = root / spec.image_dir
     unique = sorted(set(paths.values()))
     with _strict_pillow(), ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        results = dict(zip(unique, pool.map(lambda p: _check_image(img_dir / p), unique), strict=True))
+        results = dict(zip(unique, pool.map(lambda p: _check_image(img_dir / p, max_pixels), unique), strict=True))
     for i, path in paths.items():
         _, reason = results[path]
         if reason is not None:
