@@ -693,3 +693,58 @@ def test_the_pixel_limit_is_the_callers(tmp_path: Path) -> None:
         prepare("cuhk-pedes", root, tmp_path / "out")
     prepare("cuhk-pedes", root, tmp_path / "out", max_pixels=2100 * 2100)
     assert (tmp_path / "out" / "_manifest.json").is_file()
+
+
+def _leak_case(tmp_path: Path, change) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path / "CUHK"
+    records = build_cuhk(root)
+    change(root, records)
+    dump(root, "cuhk-pedes", records)
+    return root, records
+
+
+@pytest.mark.parametrize("spelling", ["./Market/0003_c1_01.jpg", "Market//0003_c1_01.jpg", "Market/./0003_c1_01.jpg"])
+def test_one_file_spelled_two_ways_cannot_join_two_identities(tmp_path: Path, spelling: str) -> None:
+    def change(root: Path, records: list[dict[str, Any]]) -> None:
+        records.append({**records[1], "file_path": spelling, "id": 77})  # record 11: Market/0003_c1_01.jpg again
+
+    root, _ = _leak_case(tmp_path, change)
+    with pytest.raises(DataFormatError, match=r"record 11 \(path 'Market/0003_c1_01\.jpg'\): field 'id': "
+                       r"image already belongs to id 3 \(record 1\); this record says 77"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+
+
+def test_the_same_bytes_under_two_splits_or_ids_are_refused_or_skipped(tmp_path: Path) -> None:
+    def change(root: Path, records: list[dict[str, Any]]) -> None:
+        # a copy of a train image (record 1) filed as a test image of another person
+        (root / "imgs" / "VIPER" / "copy.jpg").write_bytes((root / "imgs" / records[1]["file_path"]).read_bytes())
+        records.append({**records[8], "file_path": "VIPER/copy.jpg"})  # record 11, id 101, test
+
+    root, _ = _leak_case(tmp_path, change)
+    with pytest.raises(DataFormatError, match=r"record 11 \(path 'VIPER/copy\.jpg'\): field 'id': an image with the same bytes "
+                       r"already belongs to id 3 \(record 1, path 'Market/0003_c1_01\.jpg'\); this record says 101"):
+        prepare("cuhk-pedes", root, tmp_path / "out")
+    manifest = prepare("cuhk-pedes", root, tmp_path / "out", skip_bad=True)
+    assert [s["index"] for s in manifest["skipped"]] == [11]
+
+
+def test_an_exact_duplicate_record_is_merged_and_counted(tmp_path: Path) -> None:
+    root, records = _leak_case(tmp_path, lambda root, records: records.insert(5, dict(records[2])))
+    manifest = prepare("cuhk-pedes", root, tmp_path / "out")
+    assert manifest["duplicate_records"] == {"count": 1, "records": [5]}
+    captions = ds.dataset(tmp_path / "out").to_table(columns=["caption"]).column("caption").to_pylist()
+    assert len(captions) == sum(len(r["captions"]) for r in records) - len(records[5]["captions"])
+
+
+def test_a_symlink_out_of_the_dataset_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.jpg"
+    make_image(outside, 99, "JPEG")
+
+    def change(root: Path, records: list[dict[str, Any]]) -> None:
+        (root / "imgs" / "CUHK03" / "12_1.jpg").unlink()
+        (root / "imgs" / "CUHK03" / "12_1.jpg").symlink_to(outside)
+
+    root, _ = _leak_case(tmp_path, change)
+    with pytest.raises(DataFormatError, match=r"record 0 \(path 'CUHK03/12_1\.jpg'\): field 'file_path': image path "
+                       r"leads outside the dataset folder .*\(a symlink to .*secret\.jpg\)"):
+        prepare("cuhk-pedes", root, tmp_path / "out")

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -127,7 +128,7 @@ def prepare(
     if not records:
         raise DataFormatError(f"{ann}: no valid records left ({len(raw)} in the file, all bad)")
 
-    images = _merge_images(records)
+    images, repeated = _merge_images(records)
     val_split = _derive_val_split(images, val_fraction, seed) if spec.derives_val else {"derived_from": None}
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
@@ -141,6 +142,7 @@ def prepare(
         "shard_rows": shard_rows,
         "schema": [{"name": f.name, "type": str(f.type)} for f in SCHEMA],
         "skipped": [_skipped_entry(ps) for ps in _group_by_record(problems)],
+        "duplicate_records": {"count": len(repeated), "records": repeated[:MAX_REPORTED_ERRORS]},
     }
 
     def fill(tmp: Path) -> None:
@@ -230,7 +232,8 @@ def _parse_record(
                 )
             )
         else:
-            path = rec[pf]
+            # "./p0/0.jpg" and "p0//0.jpg" name the file "p0/0.jpg" names: compare and store one form.
+            path = posixpath.normpath(rec[pf])
 
     def bad(fname: str, reason: str) -> None:
         problems.append(_Problem(index, path if path is not None else _maybe_str(rec.get(pf)), fname, reason))
@@ -278,9 +281,12 @@ def _maybe_str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
-    """Read and fully decode one image no larger than ``max_pixels``; returns (sha256 of its
-    bytes, None) or (None, reason)."""
+def _check_image(file: Path, max_pixels: int, root: Path) -> tuple[str | None, str | None]:
+    """Read and fully decode one image inside ``root`` (resolved) no larger than ``max_pixels``;
+    returns (sha256 of its bytes, None) or (None, reason)."""
+    real = file.resolve()
+    if not real.is_relative_to(root):
+        return None, f"image path leads outside the dataset folder {root} (a symlink to {real})"
     try:
         data = file.read_bytes()
     except FileNotFoundError:
@@ -340,37 +346,46 @@ def _validate(
 
     # Check each distinct image once, also for records with other problems, so that a strict
     # run reports everything wrong at once.
-    img_dir = root / spec.image_dir
+    img_dir, real_root = root / spec.image_dir, root.resolve()
     unique = sorted(set(paths.values()))
     with _strict_pillow(), ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        results = dict(zip(unique, pool.map(lambda p: _check_image(img_dir / p, max_pixels), unique), strict=True))
+        results = dict(zip(unique, pool.map(lambda p: _check_image(img_dir / p, max_pixels, real_root), unique), strict=True))
     for i, path in paths.items():
         _, reason = results[path]
         if reason is not None:
             problems.setdefault(i, []).append(_Problem(i, path, spec.path_field, reason))
             parsed.pop(i, None)
 
-    # One image file is one image of one identity in one split.
-    first: dict[str, _Record] = {}
-    for i in sorted(parsed):
-        r = parsed[i]
-        seen = first.setdefault(r.path, r)
-        if seen is r:
-            continue
-        if seen.orig_id != r.orig_id:
-            reason = f"image already belongs to id {seen.orig_id} (record {seen.index}); this record says {r.orig_id}"
-            problems.setdefault(i, []).append(_Problem(i, r.path, "id", reason))
-            del parsed[i]
-        elif seen.split != r.split:
-            reason = (
-                f"image already in split {seen.split!r} (record {seen.index}); this record says {r.split!r}"
-            )
-            problems.setdefault(i, []).append(_Problem(i, r.path, "split", reason))
-            del parsed[i]
+    # One image is one image of one identity in one split: one file (by its normalised path),
+    # and one content (the same bytes under two paths).
+    _one_owner(parsed, problems, lambda r: r.path, "image")
+    _one_owner(parsed, problems, lambda r: results[r.path][0], "an image with the same bytes")
 
     flat = [p for i in sorted(problems) for p in problems[i]]
     good = [(parsed[i], results[parsed[i].path][0]) for i in sorted(parsed)]
     return flat, good
+
+
+def _one_owner(
+    parsed: dict[int, _Record], problems: dict[int, list[_Problem]], key: Callable[[_Record], Any], what: str
+) -> None:
+    """Drop (as a problem) every record whose ``key`` an earlier record has with another id or
+    split; ``what`` names the shared thing in the reason."""
+    first: dict[Any, _Record] = {}
+    for i in sorted(parsed):
+        r = parsed[i]
+        seen = first.setdefault(key(r), r)
+        if seen is r:
+            continue
+        where = f"record {seen.index}" + (f", path {seen.path!r}" if seen.path != r.path else "")
+        if seen.orig_id != r.orig_id:
+            reason = f"{what} already belongs to id {seen.orig_id} ({where}); this record says {r.orig_id}"
+            problems.setdefault(i, []).append(_Problem(i, r.path, "id", reason))
+            del parsed[i]
+        elif seen.split != r.split:
+            reason = f"{what} already in split {seen.split!r} ({where}); this record says {r.split!r}"
+            problems.setdefault(i, []).append(_Problem(i, r.path, "split", reason))
+            del parsed[i]
 
 
 def _problems_message(ann: Path, problems: list[_Problem]) -> str:
@@ -401,17 +416,25 @@ def _skipped_entry(ps: list[_Problem]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- layout
 
 
-def _merge_images(records: list[tuple[_Record, str]]) -> list[_ImageEntry]:
-    """One entry per image file; repeated records of one image (same id, split) pool captions."""
+def _merge_images(records: list[tuple[_Record, str]]) -> tuple[list[_ImageEntry], list[int]]:
+    """One entry per image file; repeated records of one image (same id, split) pool captions.
+    A record repeating an earlier one exactly (same image, id, split and captions) is merged
+    into it: returns the entries and the indices of those repeated records."""
     by_path: dict[str, _ImageEntry] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    repeated: list[int] = []
     for r, digest in records:
+        if (r.path, tuple(r.captions)) in seen:
+            repeated.append(r.index)
+            continue
+        seen.add((r.path, tuple(r.captions)))
         im = by_path.get(r.path)
         if im is None:
             by_path[r.path] = _ImageEntry(r.split, r.orig_id, r.path, list(r.captions), digest, [r.index])
         else:
             im.captions.extend(r.captions)
             im.records.append(r.index)
-    return list(by_path.values())
+    return list(by_path.values()), repeated
 
 
 def _derive_val_ids(images: list[_ImageEntry], fraction: float, seed: int) -> set[int]:
