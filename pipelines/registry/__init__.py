@@ -19,6 +19,7 @@ from pipelines.registry.artifacts import (
     download_run_model,
     exported_dir_of,
     gallery_index_of,
+    load_retrieval_model,
     log_registered_model,
     resolve_source_run,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "SearchResult",
     "build_gallery_index",
     "download_registered_model",
+    "load_retrieval_model",
     "download_run_model",
     "evaluate_exported",
     "exported_dir_of",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pipelines import tracking
 from pipelines.registry.common import (
@@ -86,6 +87,28 @@ def exported_dir_of(pyfunc_dir: str | Path) -> Path:
 def gallery_index_of(pyfunc_dir: str | Path) -> Path:
     """The gallery index Parquet file inside a downloaded retrieval model."""
     return _artifact_of(pyfunc_dir, "gallery")
+
+
+def load_retrieval_model(model_uri: str) -> Any:
+    """A registered retrieval model, loaded by the installed ``pipelines.serving_model`` from the
+    model's data alone (weights, config, tokenizer, gallery index): the code stored with the
+    model version is downloaded but never imported. Returns a ready
+    :class:`~pipelines.serving_model.TPRRetrievalModel`."""
+    from types import SimpleNamespace
+
+    from pipelines.serving_model import TPRRetrievalModel
+
+    with tempfile.TemporaryDirectory(prefix="tpr-model-") as tmp:
+        folder = download_registered_model(model_uri, tmp)
+        model = TPRRetrievalModel()
+        try:
+            model.load_context(SimpleNamespace(artifacts={"model": str(exported_dir_of(folder)),
+                                                          "gallery": str(gallery_index_of(folder))}))  # fmt: skip
+        except RegistryError:
+            raise
+        except Exception as e:
+            raise RegistryError(f"cannot load model {model_uri}: {e}") from None
+    return model
 
 
 def _artifact_of(pyfunc_dir: str | Path, key: str) -> Path:

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.registry.common import RegistryError
-
 
 @dataclass
 class SearchResult:
@@ -48,14 +46,12 @@ def search(
     Returns:
         A :class:`SearchResult`.
     """
-    import mlflow
     import pandas as pd
 
-    try:
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
-    except Exception as e:
-        raise RegistryError(f"cannot load model {model_uri}: {e}") from None
-    pred = pyfunc.predict(pd.DataFrame({"text": [text]}), params={"top_k": int(top_k)})
+    from pipelines.registry.artifacts import load_retrieval_model
+
+    model = load_retrieval_model(model_uri)  # data only: no code from the artifact runs
+    pred = model.predict(None, pd.DataFrame({"text": [text]}), params={"top_k": int(top_k)})
     first = pred.iloc[0]
     rows = [
         {"image_id": int(i), "image_path": str(p), "orig_id": int(o), "score": float(s)}
@@ -71,10 +67,9 @@ def search(
     from tpr_core.data.store import load_split_table
     from tpr_core.eval import retrieval_grid
 
-    inner = pyfunc.unwrap_python_model()
-    info = getattr(inner, "gallery_info", {}) or {}
+    info = model.gallery_info or {}
     split = info.get("split", "test")
-    root = data_root or info.get("data_root") or inner.cfg.data.root
+    root = data_root or info.get("data_root") or model.cfg.data.root
     try:
         data = load_split(root, split)
     except Exception as e:

@@ -182,3 +182,18 @@ def test_mlflow_models_serve_answers_over_http(champion, pyfunc, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_search_loads_the_models_data_not_its_code(champion, pyfunc, monkeypatch):
+    """tpr search ranks with the installed serving code: loading the model as a pyfunc (which
+    imports the code stored with it) is never called, and the ranking is the pyfunc's."""
+    text = fx.describe_identity(_val_people()[2])
+    expected = pyfunc.predict(pd.DataFrame({"text": [text]}), params={"top_k": 5})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tpr search imported the model's stored code")
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", refuse)
+    res = registry.search(text, URI, top_k=5)
+    assert [r["image_id"] for r in res.rows] == list(expected["image_ids"][0])
+    assert [r["score"] for r in res.rows] == pytest.approx(list(expected["scores"][0]), abs=1e-6)
