@@ -27,8 +27,10 @@ from pipelines.registry.common import (
     MODEL_ARTIFACT_PATH,
     SERVING_FILE,
     SERVING_MODEL_NAME,
+    WEIGHTS_TAG,
     RegistryError,
     mlflow_client,
+    sha256_file,
     torch_device,
 )
 from pipelines.registry.gallery import build_gallery_index
@@ -70,13 +72,47 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
 
 
 def download_registered_model(model_uri: str, dst: str | Path) -> Path:
-    """Download a registered (or logged) retrieval model; returns its local pyfunc folder."""
+    """Download a registered (or logged) retrieval model; returns its local pyfunc folder.
+
+    For a registry URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) the weights must
+    match the SHA-256 recorded on the version at registration (``WEIGHTS_TAG``); a mismatch is
+    a ``RegistryError`` naming the file.
+    """
     import mlflow
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except Exception as e:
         raise RegistryError(f"cannot download model {model_uri}: {e}") from None
+    want = _recorded_weights_sha(model_uri)
+    if want is not None:
+        from tpr_core.export import WEIGHTS_FILE
+
+        weights = exported_dir_of(folder) / WEIGHTS_FILE
+        got = sha256_file(weights) if weights.is_file() else "missing"
+        if got != want:
+            raise RegistryError(
+                f"{model_uri}: {WEIGHTS_FILE} ({got}) is not the file registered ({WEIGHTS_TAG} {want}); "
+                "the artifact was changed after registration"
+            )
+    return folder
+
+
+def _recorded_weights_sha(model_uri: str) -> str | None:
+    """The weights hash tag of the model version a registry URI names; None for other URIs and
+    for versions registered before tags were recorded."""
+    import re
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))", model_uri)
+    if m is None:
+        return None
+    name, version, alias = m.groups()
+    client = mlflow_client()
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except Exception as e:
+        raise RegistryError(f"cannot look up {model_uri} in the registry: {e}") from None
+    return (mv.tags or {}).get(WEIGHTS_TAG)
 
 
 def exported_dir_of(pyfunc_dir: str | Path) -> Path:

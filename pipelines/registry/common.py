@@ -17,6 +17,9 @@ EXIT_PROMOTED = 0
 EXIT_KEPT = 3
 
 LOCK_SUFFIX = ".promotion-lock"
+# On a model version: the SHA-256 of its weights file, recorded at registration and checked
+# by every load through the registry (a changed artifact is refused, whatever export.json says).
+WEIGHTS_TAG = "tpr.weights_sha256"
 GATE_METRIC = "R1"
 
 
@@ -44,6 +47,17 @@ def manifest_hash(data_root: str) -> str | None:
         return str(read_manifest(data_root).get("content_hash"))
     except Exception:  # a root without a manifest is reported by load_split with a clearer message
         return None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def torch_device() -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
@@ -42,9 +43,11 @@ from pipelines.registry.common import (
     EXIT_PROMOTED,
     GATE_METRIC,
     PREVIOUS,
+    WEIGHTS_TAG,
     RegistryError,
     has_error_code,
     mlflow_client,
+    sha256_file,
     torch_device,
 )
 from pipelines.registry.evaluation import EvalOutcome, evaluate_exported
@@ -184,6 +187,8 @@ class _Verdict:
 
 def _version_tags(source: str, sweep_run_id: str | None, exported: Any, src_tags: dict) -> dict[str, str]:
     """The tags a new version carries: where it comes from, and the metrics it was exported with."""
+    from tpr_core.export import WEIGHTS_FILE
+
     info_extra = exported.info.get("extra", {}) or {}
     manifest = (
         src_tags.get("dataset_manifest_hash")
@@ -197,6 +202,7 @@ def _version_tags(source: str, sweep_run_id: str | None, exported: Any, src_tags
         or info_extra.get("git_commit", "")
     )
     tags = {
+        WEIGHTS_TAG: sha256_file(Path(exported.path) / WEIGHTS_FILE),
         "tpr.source_run_id": source,
         "tpr.method": exported.cfg.method,
         "tpr.dataset_manifest_hash": manifest,

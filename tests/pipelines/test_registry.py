@@ -138,6 +138,25 @@ def test_registered_model_reproduces_run_metrics(history):
         assert res.challenger_metrics[k] == pytest.approx(run.data.metrics[f"val/{k}"], abs=1e-4), k
 
 
+def test_weights_hash_is_recorded_and_a_changed_artifact_refused(history, tmp_path):
+    """The version carries its weights' SHA-256; a download whose weights differ from it (an
+    artifact changed after registration, played here by changing the recorded hash) is refused."""
+    from pipelines.registry.common import WEIGHTS_TAG, sha256_file
+
+    res, _ = history["better"]
+    client = mlflow.MlflowClient()
+    want = client.get_model_version("gate", res.version).tags[WEIGHTS_TAG]
+    folder = registry.download_registered_model(f"models:/gate/{res.version}", tmp_path / "ok")
+    assert sha256_file(registry.exported_dir_of(folder) / "model.safetensors") == want
+    client.set_model_version_tag("gate", res.version, WEIGHTS_TAG, "0" * 64)
+    try:
+        with pytest.raises(registry.RegistryError, match=rf"models:/gate/{res.version}: model.safetensors "
+                           rf"\({want}\) is not the file registered"):
+            registry.download_registered_model(f"models:/gate/{res.version}", tmp_path / "bad")
+    finally:
+        client.set_model_version_tag("gate", res.version, WEIGHTS_TAG, want)
+
+
 def test_rollback(history):
     rb, aliases = history["rollback"]
     assert (rb.from_version, rb.to_version, rb.previous_champion) == ("3", "1", None)
