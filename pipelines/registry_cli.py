@@ -66,6 +66,20 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> T
     return table
 
 
+BreakLock = Annotated[
+    bool,
+    typer.Option("--break-lock", help="First remove the model's promotion lock (its owner must be gone)."),
+]
+
+
+def _break_lock_if(wanted: bool, model_name: str) -> None:
+    from pipelines.registry import break_lock
+
+    if wanted:
+        holder = break_lock(model_name)
+        console.print(f"removed the promotion lock held by {escape(holder)}" if holder else "no promotion lock was held")
+
+
 def promote_cmd(
     model_name: Annotated[str, typer.Option("--model-name", help="Registered model name.")],
     run: Annotated[str | None, typer.Option("--run", help="MLflow run id of a training run.")] = None,
@@ -83,6 +97,7 @@ def promote_cmd(
         str, typer.Option("--gallery-split", help="Split whose images the served model searches.")
     ] = "test",
     runs_dir: RunsDir = "runs",
+    break_lock: BreakLock = False,
 ) -> None:
     """Register a run's model and make it champion only if it beats the current one."""
     from pipelines.registry import promote
@@ -90,6 +105,7 @@ def promote_cmd(
     if (run is None) == (sweep is None):
         fail("give exactly one of --run RUN_ID or --sweep SWEEP_RUN_ID")
     with _mlflow(runs_dir):
+        _break_lock_if(break_lock, model_name)
         res = promote(
             model_name, run_id=run, sweep_run_id=sweep, margin=margin, split=split, data_root=data,
             gallery_split=gallery_split,
@@ -106,11 +122,13 @@ def promote_cmd(
 def rollback_cmd(
     model_name: Annotated[str, typer.Option("--model-name", help="Registered model name.")],
     runs_dir: RunsDir = "runs",
+    break_lock: BreakLock = False,
 ) -> None:
     """Move the champion back to the previous champion."""
     from pipelines.registry import rollback
 
     with _mlflow(runs_dir):
+        _break_lock_if(break_lock, model_name)
         res = rollback(model_name)
     prev = f"v{res.previous_champion}" if res.previous_champion else "none"
     console.print(

@@ -38,7 +38,7 @@ from pipelines.registry.common import (
 )
 from pipelines.registry.evaluation import EvalOutcome, evaluate_exported
 from pipelines.registry.gallery import build_gallery_index
-from pipelines.registry.lock import PromotionLock, PromotionLockTimeout
+from pipelines.registry.lock import PromotionLock, PromotionLockTimeout, break_lock
 from pipelines.registry.promotion import PromotionResult, RollbackResult, gate_decision, promote, rollback
 from pipelines.registry.query import SearchResult, search
 
@@ -56,6 +56,7 @@ __all__ = [
     "EvalOutcome",
     "PromotionLock",
     "PromotionLockTimeout",
+    "break_lock",
     "PromotionResult",
     "RegistryError",
     "RollbackResult",

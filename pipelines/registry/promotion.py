@@ -22,6 +22,7 @@ Aliases and the gate
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -316,6 +317,7 @@ def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: s
         The verdict, and the champion version after it.
     """
     ev = ch.evaluation
+    reject_interrupted(client, model_name)
     client.set_registered_model_alias(model_name, CHALLENGER, ch.version)
     current = _alias_version(client, model_name, CHAMPION)
     champion_metrics = None
@@ -339,6 +341,22 @@ def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: s
         client.set_model_version_tag(model_name, ch.version, k, v)
     client.update_model_version(model_name, ch.version, description=_description(ch, verdict, split))
     return verdict, _alias_version(client, model_name, CHAMPION) or ch.version
+
+
+def reject_interrupted(client: Any, model_name: str) -> str | None:
+    """Under the lock: a version that holds ``challenger`` without a decision was being gated
+    by a promotion that died (a live one holds the lock until its decision is written). Mark it
+    rejected and take the alias off; returns its version, or None."""
+    version = _alias_version(client, model_name, CHALLENGER)
+    if version is None or client.get_model_version(model_name, version).tags.get("tpr.decision"):
+        return None
+    client.set_model_version_tag(model_name, version, "tpr.decision", "rejected")
+    client.set_model_version_tag(
+        model_name, version, "tpr.decision_reason", "its promotion stopped before the gate decided"
+    )
+    client.delete_registered_model_alias(model_name, CHALLENGER)
+    print(f"[tpr] {model_name} v{version}: its promotion was interrupted; marked rejected", file=sys.stderr)
+    return version
 
 
 def promote(
@@ -410,6 +428,7 @@ def rollback(model_name: str, lock_timeout_s: float = 3600.0) -> RollbackResult:
     """
     client = mlflow_client()
     with PromotionLock(model_name, timeout_s=lock_timeout_s):
+        reject_interrupted(client, model_name)
         prev = _alias_version(client, model_name, PREVIOUS)
         if prev is None:
             raise RegistryError(f"registered model {model_name!r} has no {PREVIOUS!r} alias to roll back to")

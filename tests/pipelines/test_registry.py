@@ -6,6 +6,8 @@ The promotion gate sees an untrained and a trained model whose quality differs f
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 
 import pytest
@@ -223,6 +225,55 @@ def test_lock_timeout_and_stale_lock(server):
             mlflow.MlflowClient().get_registered_model("stale" + registry.LOCK_SUFFIX).tags["tpr.lock.owner"]
         )
         assert owner == lk.owner
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_whose_owner_exited_on_this_host_is_broken_at_once(server):
+    import socket
+
+    client = mlflow.MlflowClient()
+    tags = {"tpr.lock.owner": "gone", "tpr.lock.host": socket.gethostname(), "tpr.lock.pid": str(_dead_pid()),
+            "tpr.lock.started": "2026-01-01T00:00:00+0000", "tpr.lock.ttl_s": "3600"}  # fmt: skip
+    client.create_registered_model("orphan" + registry.LOCK_SUFFIX, tags=tags)
+    with registry.PromotionLock("orphan", timeout_s=5, poll_s=0.05) as lk:
+        assert client.get_registered_model("orphan" + registry.LOCK_SUFFIX).tags["tpr.lock.owner"] == lk.owner
+
+
+def test_a_waiter_names_the_holder_and_break_lock_removes_it(server, capsys):
+    holder = registry.PromotionLock("held", ttl_s=3600)
+    holder.acquire()
+    tags = mlflow.MlflowClient().get_registered_model("held" + registry.LOCK_SUFFIX).tags
+    who = rf"pid {os.getpid()} on {re.escape(tags['tpr.lock.host'])} since {re.escape(tags['tpr.lock.started'])}"
+    with pytest.raises(registry.PromotionLockTimeout, match=rf"held by {who}; gave up after 0s"):
+        registry.PromotionLock("held", timeout_s=0.3, poll_s=0.05).acquire()
+    assert re.search(rf"waiting for the promotion lock of 'held', held by {who}", capsys.readouterr().err)
+    assert re.fullmatch(who, registry.break_lock("held"))
+    assert registry.break_lock("held") is None
+    with registry.PromotionLock("held", timeout_s=5, poll_s=0.05):
+        pass
+
+
+def test_an_interrupted_promotion_is_rejected_by_the_next_one(runs):
+    """A promotion killed inside its gate leaves ``challenger`` on an undecided version; the next
+    promotion (or rollback) marks that version rejected and takes the alias off it."""
+    name = "interrupted"
+    client = mlflow.MlflowClient()
+    first = registry.promote(name, run_id=runs["untrained"])
+    mv = mlflow.register_model(first.model_uri, name)  # registered, then "killed" in the gate:
+    client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)  # alias, no decision
+    second = registry.promote(name, run_id=runs["trained"])
+    stuck = client.get_model_version(name, mv.version)
+    assert stuck.tags["tpr.decision"] == "rejected"
+    assert "stopped before the gate decided" in stuck.tags["tpr.decision_reason"]
+    assert _aliases(name)[registry.CHALLENGER] == second.version != str(mv.version)
 
 
 def test_concurrent_promotions_keep_aliases_consistent(runs):
