@@ -255,6 +255,8 @@ def test_bad_input_fails_before_ray(synth_data, tmp_path):
                 "model.pretrained=null",
                 "distributed.use_gpu=false",
                 "distributed.precision=fp32",
+                "distributed.num_workers=1",  # the base config's 4 x 8 CPUs are refused on 2 cores
+                "distributed.cpus_per_worker=1",
             ],
         )
         train(cfg, runs_dir=tmp_path, name="x")
