@@ -45,28 +45,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-# Token authentication on, stated before ray is imported: the head started here and this driver
-# then agree on it. The token is the user's (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or Ray's default
-# ~/.ray/auth_token); without one, a fresh token for this run only, in a private temp file
-# (writing ~/.ray/auth_token would turn token authentication on for every later Ray use).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-if not (
-    os.environ.get("RAY_AUTH_TOKEN")
-    or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    or (Path.home() / ".ray" / "auth_token").is_file()
-):
-    import tempfile
-    import uuid
-
-    _token_file = Path(tempfile.mkdtemp(prefix="tpr-bench-token-")) / "auth_token"
-    _token_file.write_text(uuid.uuid4().hex)
-    _token_file.chmod(0o600)
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_file)
-
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipelines.setup import use_private_ray_token  # noqa: E402
+
+# Token authentication on, stated before ray is imported: the head started here and this driver
+# then agree on it. The user's token if there is one, else one for this run only, held in the
+# environment (writing ~/.ray/auth_token would turn token authentication on for every later Ray use).
+use_private_ray_token()
 
 CONFIG = REPO / "pipelines" / "configs" / "irra_synthetic_tiny.yaml"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def use_private_ray_token() -> bool:
+    """Token authentication for a local Ray instance, without writing ``~/.ray/auth_token``.
+
+    Left alone, a first local ``ray.init()`` turns token authentication on and saves a new token
+    to ``~/.ray/auth_token``; from then on every ``ray start`` and ``ray job submit`` on the
+    machine needs it. Here, unless the user chose (``RAY_AUTH_MODE``) or holds a token
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), a fresh token lives in
+    this process's environment only: Ray's own processes and workers inherit it and it is gone
+    with them. Returns True when a private token was set.
+    """
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return False
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    try:  # Ray caches its mode and token once loaded; make it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # another Ray version: it reads them at init
+        pass
+    return True
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster named by RAY_ADDRESS, or start a local instance."""
     import ray
@@ -231,6 +258,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("RAY_ADDRESS"):
+        use_private_ray_token()
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime env applies (a second one would conflict);
         # Train workers get their variables from RunConfig.worker_runtime_env either way.
