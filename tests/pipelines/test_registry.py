@@ -366,3 +366,41 @@ def test_rollback_walks_the_promotion_chain(runs):
     assert client.get_model_version(name, "3").tags["tpr.rolled_back"]
     with pytest.raises(registry.RegistryError):
         registry.rollback(name)
+
+
+def test_a_killed_promotion_is_recovered_by_the_next_one(runs, server, tmp_path):
+    """SIGKILL a real ``tpr promote`` while it holds the lock, inside its gate: the lock and an
+    undecided version with the ``challenger`` alias stay behind. The next ``tpr promote`` breaks
+    the dead owner's lock at once, rejects the orphan, says both, and decides its own version."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+
+    name = "killed"
+    client = mlflow.MlflowClient()
+    registry.promote(name, run_id=runs["untrained"])  # v1, the champion the gate will evaluate
+    code = "import sys; from pipelines.cli import main; sys.argv[0] = 'tpr'; main()"
+    cmd = [sys.executable, "-c", code, "promote", "--model-name", name, "--run", runs["trained"]]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    victim = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _aliases(name).get(registry.CHALLENGER, "1") == "1":  # v2 in its gate, under the lock
+            assert victim.poll() is None and time.monotonic() < deadline, "the promotion ended before the kill"
+            time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+    finally:
+        victim.wait(timeout=60)
+    assert "tpr.decision" not in client.get_model_version(name, "2").tags
+    assert client.get_registered_model(f"{name}{registry.LOCK_SUFFIX}")  # the lock is left behind
+
+    nxt = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    said = " ".join((nxt.stdout + nxt.stderr).split())
+    assert nxt.returncode == 0, said[-3000:]
+    assert f"breaking the promotion lock of {name!r}" in said and "has exited" in said
+    assert f"{name} v2: its promotion was interrupted; marked rejected" in said
+    assert client.get_model_version(name, "2").tags["tpr.decision"] == "rejected"
+    assert _aliases(name) == {"champion": "3", "challenger": "3", "previous-champion": "1"}

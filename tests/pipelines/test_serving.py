@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -197,3 +198,65 @@ def test_search_loads_the_models_data_not_its_code(champion, pyfunc, monkeypatch
     res = registry.search(text, URI, top_k=5)
     assert [r["image_id"] for r in res.rows] == list(expected["image_ids"][0])
     assert [r["score"] for r in res.rows] == pytest.approx(list(expected["scores"][0]), abs=1e-6)
+
+
+def _stored_files(name: str) -> list[Path]:
+    """Every file the registered version behind ``URI`` keeps in the server's artifact store."""
+    mv = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+    keys = {k for k in (mv.model_id, mv.source.rstrip("/").rsplit("/", 1)[-1]) if k}  # its logged model's id
+    found = [p for p in (fx._CACHE / "runs").rglob(name) if keys & set(p.parts)]
+    assert found, f"no stored {name} for version {mv.version} ({mv.source})"
+    return found
+
+
+def _tpr(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``tpr`` command in a fresh process (nothing imported beforehand)."""
+    code = "import sys; from pipelines.cli import main; sys.argv[0] = 'tpr'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}, cwd=fx.REPO)
+
+
+def test_code_edited_in_the_artifact_store_never_runs(champion, tmp_path):
+    """Someone who can write the artifact store edits the stored serving module and a stored
+    ``tpr_core`` file to leave a marker: ``tpr search`` and ``tpr evaluate`` load the model's
+    data with the installed code, so the marker never appears (#18)."""
+    marker = tmp_path / "ran"
+    payload = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n"
+    edited = _stored_files("serving_model.py") + [p for p in _stored_files("__init__.py") if p.parent.name == "tpr_core"]
+    assert len(edited) == 2
+    saved = {p: p.read_bytes() for p in edited}
+    try:
+        for p, body in saved.items():
+            p.write_bytes(body + b"\n" + payload.encode())  # runs on import
+        text = fx.describe_identity(_val_people()[0])
+        search = _tpr("search", text, "--model", URI, "--top-k", "3")
+        assert search.returncode == 0, search.stderr[-2000:]
+        evaluate = _tpr("evaluate", "--model", URI, "--split", fx.SPLIT)
+        assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+        assert "R1" in evaluate.stdout
+        assert not marker.exists()
+        # The control: loading it as a pyfunc (what `mlflow models serve` does) runs the edit.
+        code = f"import mlflow; mlflow.pyfunc.load_model({URI!r})"
+        ctl = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
+        assert marker.exists(), ctl.stderr[-3000:]
+    finally:
+        for p, body in saved.items():
+            p.write_bytes(body)
+
+
+def test_one_changed_byte_in_the_stored_weights_is_refused(champion):
+    """The weights' SHA-256 is recorded at registration; a stored file changed afterwards, by a
+    single byte, is refused by name when tpr loads the model (#18)."""
+    (weights,) = _stored_files("model.safetensors")
+    body = weights.read_bytes()
+    flipped = bytearray(body)
+    flipped[-1] ^= 0x01  # the last byte of the last tensor
+    try:
+        weights.write_bytes(bytes(flipped))
+        res = _tpr("search", "a person", "--model", URI)
+        assert res.returncode == 2, (res.stdout, res.stderr[-2000:])
+        said = " ".join((res.stdout + res.stderr).split())  # rich wraps long lines
+        assert "model.safetensors" in said and "the artifact was changed after registration" in said
+    finally:
+        weights.write_bytes(body)
