@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -134,3 +135,47 @@ def test_format_help_and_unknown_format_come_from_the_formats_table(tmp_path: Pa
     res = _prepare("--format", "market", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2
     assert _squash(f"unknown format 'market'; expected one of {', '.join(FORMATS)}") in _squash(res.output)
+
+
+def _symlink_out(root: Path, records: list[dict]) -> None:
+    outside = root.parent / "secret.jpg"
+    outside.write_bytes((root / "imgs" / records[1]["file_path"]).read_bytes())
+    (root / "imgs" / records[0]["file_path"]).unlink()
+    (root / "imgs" / records[0]["file_path"]).symlink_to(outside)
+
+
+_REFUSALS = {  # what the record change is, and what the one-line message must say
+    "id beyond int64": (lambda root, r: r[3].__setitem__("id", 2**63), [], "record 3", "does not fit in int64"),
+    "NUL in a path": (lambda root, r: r[2].__setitem__("file_path", "a\x00b.jpg"), [], "record 2", "NUL character"),
+    "symlink out of the dataset": (_symlink_out, [], "record 0", "leads outside the dataset folder"),
+    "image over --max-pixels": (lambda root, r: None, ["--max-pixels", "100"], "record 0", "over the limit of 100"),
+    "invisible caption": (lambda root, r: r[6].__setitem__("captions", ["\u200b\u2060 \u200c"]), [], "record 6", "empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSALS))
+def test_prepare_refusals_exit_two_in_one_line_and_write_nothing(tmp_path: Path, case: str) -> None:
+    """The bad inputs of #18 through the real CLI: exit 2, one line naming the record, no traceback."""
+    change, flags, record, says = _REFUSALS[case]
+    root, out = tmp_path / "raw", tmp_path / "out"
+    records = build_cuhk(root)
+    change(root, records)
+    dump(root, "cuhk-pedes", records)
+    res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(out), *flags)
+    assert res.exit_code == 2, res.output
+    assert _squash(record) in _squash(res.output) and _squash(says) in _squash(res.output)
+    assert "Traceback" not in res.output and isinstance(res.exception, (SystemExit, type(None)))
+    assert not out.exists() and not list(tmp_path.glob("out.tmp*"))
+
+
+def test_prepare_refuses_deep_json_and_an_unwritable_out_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    dump(root, "cuhk-pedes", build_cuhk(root))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(blocker / "out"))
+    assert res.exit_code == 2 and _squash(f"cannot write the prepared dataset to {blocker}/out") in _squash(res.output)
+    (root / "reid_raw.json").write_text("[" * 100_000 + "]" * 100_000)
+    res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(tmp_path / "out"))
+    assert res.exit_code == 2 and _squash("reid_raw.json: JSON nested too deeply") in _squash(res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "raw"]
