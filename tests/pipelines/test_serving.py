@@ -260,3 +260,12 @@ def test_one_changed_byte_in_the_stored_weights_is_refused(champion):
         assert "model.safetensors" in said and "the artifact was changed after registration" in said
     finally:
         weights.write_bytes(body)
+
+
+@pytest.mark.parametrize("bad", [5, 2.5, b"a man", ["a", "man"], True])
+def test_a_non_string_is_refused_through_mlflows_own_input_path(pyfunc, bad):
+    """Through the pyfunc's whole input path: MLflow 3.17's schema enforcement lets a mixed
+    object column through to the model (its string check is on the column's dtype), so the
+    model's own check is what refuses the row, naming it and the type it got."""
+    with pytest.raises(Exception, match=rf"row 1: field 'text' must be a string, got {type(bad).__name__}"):
+        pyfunc.predict(pd.DataFrame({"text": ["a man", bad]}))
