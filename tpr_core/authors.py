@@ -150,7 +150,7 @@ _SEN_HEADS: list[Rule] = [
 # Source keys with no counterpart in tpr's module, left out on purpose (listed in the report).
 _DROPPED: dict[str, str] = {
     # OpenAI's archive: the logit temperature, size attributes and the causal mask tpr builds itself.
-    "openai-clip": r"logit_scale|input_resolution|context_length|vocab_size|.*\.attn_mask",
+    "openai-clip": r"logit_scale|(.*\.)?(input_resolution|context_length|vocab_size|output_dim)|.*\.attn_mask",
     "irra": r"base_model\.logit_scale|.*\.attn_mask",
     "sen": (
         r"base_model\.logit_scale|.*\.attn_mask|decoder_pos_embed|cross_attn_TextImage\..*|cross_attn_Image\..*"
