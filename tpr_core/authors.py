@@ -354,7 +354,9 @@ def build_imported_model(
     with tempfile.TemporaryDirectory(prefix="tpr-import-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(clip_cfg))
         model_cfg = cfg.model.model_copy(update={"pretrained": tmp, "embed_dim": None})
-        with clip_skeleton():
+        # Seeded: parts the source has no weights for (an OpenAI CLIP's heads) are the same every import.
+        with clip_skeleton(), torch.random.fork_rng():
+            torch.manual_seed(cfg.train.seed)
             model = build_method(cfg.model_copy(update={"model": model_cfg}), num_classes, tokenizer)
     enc = model.encoder
     tgt = _Target(enc.grid, enc.text_length, tokenizer, authors_vocab=source != "openai-clip")

@@ -197,6 +197,10 @@ def test_openai_clip_archive_gives_the_same_embeddings(tmp_path, clip_tok):
         torch.testing.assert_close(got.model.encode_text(ids, mask), ref.encode_text(ids))
     emb = got.model.state_dict()["encoder.text_model.embeddings.token_embedding.weight"]
     torch.testing.assert_close(emb[clip_tok.mask_id], ref.token_embedding.weight.mean(0))
+    # The heads the archive has no weights for start from a seeded init: one import is like the next.
+    again = authors.import_checkpoint(tmp_path / "ViT-tiny.pt", "openai-clip", cfg, clip_tok, tmp_path / "m2", 3)
+    first, second = got.model.state_dict(), load_exported(again.path).model.state_dict()
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
 
 
 def test_sen_heads_fill_the_uit_restorer(clip_tok):
