@@ -141,8 +141,9 @@ def clip_tok(tiny_clip_dir) -> Tokenizer:  # noqa: F811
     return Tokenizer.from_clip(tiny_clip_dir[0], max_length=48)
 
 
-def test_irra_best_pth_gives_the_authors_embeddings(tmp_path, clip_tok):
-    cfg = load_config(CONFIGS / "irra_synthetic_tiny.yaml")
+@pytest.mark.parametrize("source", ["irra", "fmfa"])  # FMFA's model/build.py keeps IRRA's module names
+def test_irra_best_pth_gives_the_authors_embeddings(tmp_path, clip_tok, source):
+    cfg = load_config(CONFIGS / f"{source}_synthetic_tiny.yaml")
     vocab = clip_tok.vocab_size - 1  # the authors' 66 ids: mask, BOS, EOS last
     grid = (cfg.model.image_size[0] // 8) * (cfg.model.image_size[1] // 8)
     ref, heads = RefCLIP(vocab, 8, 1 + grid).eval(), _irra_heads(vocab, 5)
@@ -150,7 +151,7 @@ def test_irra_best_pth_gives_the_authors_embeddings(tmp_path, clip_tok):
     state.update(heads.state_dict())
     torch.save({"model": state, "num_epoch": 7}, tmp_path / "best.pth")
 
-    done = authors.import_checkpoint(tmp_path / "best.pth", "irra", cfg, clip_tok, tmp_path / "m")
+    done = authors.import_checkpoint(tmp_path / "best.pth", source, cfg, clip_tok, tmp_path / "m")
     assert done.num_classes == 5 and done.dropped == []
     got = load_exported(done.path)
     ref.float()
