@@ -162,6 +162,10 @@ from pipelines import registry_cli  # noqa: E402  (adds promote, rollback, evalu
 
 registry_cli.register(app)
 
+from pipelines import index_cli  # noqa: E402  (adds index)
+
+index_cli.register(app)
+
 
 def main() -> None:  # pragma: no cover
     try:
