@@ -174,7 +174,7 @@ def sweep_cmd(
     for r in out["trials"]:
         t.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys])
     console.print(t)
-    console.print(f"best {out['metric']}: {out.get('best_metric')} with {out.get('best_params')}")
+    console.print(f"best trial: {out['metric']} {out.get('best_metric')} with {out.get('best_params')}")
     console.print(f"MLflow parent run: {out['parent_run_id']}")
 
 

@@ -16,7 +16,9 @@ What is silenced, at normal and quiet, and how:
   when the command ends), its INFO log lines and registration prints, its download progress bars.
 - Ray's INFO log lines on the driver (``ray.init(logging_level=...)``) and Ray Train's per-rank
   ``Reporting training result`` / ``Checkpoint successfully created`` lines (its own
-  ``LoggingConfig``, applied in the controller and every worker).
+  ``LoggingConfig``, applied in the controller and every worker, and the level of the one
+  logger it misses); Tune's TensorBoard hint and Optuna's INFO lines; Ray's folding of similar
+  lines from several processes (only rank 0 prints; the trials of a sweep stay apart).
 - Lines relayed from Ray's processes that match :data:`NOISE` exactly: messages Ray prints about
   its own internals on every run, never a failure of the user's job.
 - Python warnings in :data:`NOISY_WARNINGS`: deprecations inside libraries tpr calls.
@@ -109,6 +111,9 @@ def configure(level: int = NORMAL) -> None:
     os.environ[VERBOSITY_ENV] = str(level)
     for key, value in quiet_env(level).items():
         os.environ.setdefault(key, value)
+    # Only rank 0 prints, so Ray's merging of similar lines across processes would only fold
+    # the trials of a sweep into "[repeated Nx across cluster]" and a hint about itself.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _tpr_logger(level)
     if level < VERBOSE:
         _filter_warnings()
@@ -117,12 +122,25 @@ def configure(level: int = NORMAL) -> None:
             logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _ray_train_report_logger() -> logging.Logger | None:
+    """The logger of Ray Train's ``Reporting training result`` lines. Ray 2.60 names it after its
+    file path, outside ``ray.train``, so its LoggingConfig does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: the lines show, nothing is lost
+        return None
+    return logging.getLogger(context.__file__)
+
+
 def configure_worker() -> None:
-    """The same, inside a Ray worker (its verbosity came in its environment)."""
+    """The same, inside a Ray Train worker (its verbosity came in its environment)."""
     level = verbosity()
     _tpr_logger(level)
     if level < VERBOSE:
         _filter_warnings()
+        report_logger = _ray_train_report_logger()
+        if report_logger is not None:
+            report_logger.setLevel(logging.WARNING)
 
 
 def is_noise(line: str) -> bool:

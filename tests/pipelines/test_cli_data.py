@@ -185,3 +185,21 @@ def test_prepare_refuses_deep_json_and_an_unwritable_out_by_name(tmp_path: Path)
     res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and _squash("reid_raw.json: JSON nested too deeply") in _squash(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "raw"]
+
+
+def test_synth_ends_with_a_table_of_its_splits(tmp_path: Path) -> None:
+    """`tpr data synth` prints identities / images / captions per split and their total (#19), the
+    counts of the reid_raw.json it wrote; a second call with the same parameters says it reused it."""
+    out = tmp_path / "synth"
+    args = ["data", "synth", "--out", str(out), "--identities", "6", "--images-per-identity", "2",
+            "--captions-per-image", "1", "--size", "32x16"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    records = json.loads((out / "reid_raw.json").read_text())
+    for split in ("train", "val", "test"):
+        rows = [r for r in records if r["split"] == split]
+        ids, captions = len({r["id"] for r in rows}), sum(len(r["captions"]) for r in rows)
+        assert _squash(f"│{split}│{ids}│{len(rows)}│{captions}│") in _squash(res.output), (split, res.output)
+    assert _squash("│total│6│12│12│") in _squash(res.output) and len(records) == 12
+    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and _squash("(reused: same parameters)") in _squash(again.output)

@@ -183,3 +183,19 @@ def test_verbose_keeps_every_line(monkeypatch):
     monkeypatch.setenv(terminal.VERBOSITY_ENV, "1")
     terminal.filter_ray_output()
     assert ray_worker.print_worker_logs is original
+
+
+def test_a_worker_silences_the_report_logger_ray_train_names_after_its_file(monkeypatch):
+    """Ray 2.60 logs ``Reporting training result`` per rank under a logger named by a file path,
+    which Ray Train's LoggingConfig misses: the worker sets it to WARNING (INFO when verbose)."""
+    import logging
+
+    report_logger = terminal._ray_train_report_logger()
+    assert report_logger is not None and report_logger.name.endswith("execution/context.py")
+    monkeypatch.setattr(report_logger, "level", logging.NOTSET)
+    monkeypatch.setenv(terminal.VERBOSITY_ENV, "1")
+    terminal.configure_worker()
+    assert report_logger.level == logging.NOTSET  # verbose: left as Ray set it
+    monkeypatch.setenv(terminal.VERBOSITY_ENV, "0")
+    terminal.configure_worker()
+    assert report_logger.level == logging.WARNING and not report_logger.isEnabledFor(logging.INFO)
