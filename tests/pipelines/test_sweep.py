@@ -74,15 +74,16 @@ def test_a_space_optimises_the_running_best_val_r1_upwards(synth_data, tmp_path,
 
 
 def test_shipped_spaces_validate():
-    from pipelines.space import load_space
+    """Every tune_spaces/*.yaml validates against the config its first line's command names."""
+    from pipelines.space import METRIC, load_space
 
-    for method in ("irra", "fmfa", "uit", "ivt"):
-        space = load_space(
-            REPO / f"tune_spaces/{method}.yaml",
-            load_config(REPO / f"pipelines/configs/{method}_cuhk_base.yaml"),
-        )
-        assert space.params
-    load_space(SPACE, load_config(REPO / "pipelines/configs/fmfa_synthetic_tiny.yaml"))
+    files = sorted((REPO / "tune_spaces").rglob("*.yaml"))
+    assert {"irra", "fmfa", "uit", "ivt", "irra_demo"} <= {f.stem for f in files}
+    for path in files:
+        command = path.read_text().splitlines()[0].split()
+        assert command[:3] == ["#", "tpr", "sweep"] and command[4:6] == ["--space", f"tune_spaces/{path.name}"], path
+        space = load_space(path, load_config(REPO / command[3]))
+        assert space.params and space.metric == METRIC, path
 
 
 @pytest.mark.slow

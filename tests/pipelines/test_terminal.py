@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from pipelines import terminal
 from pipelines.cli import app
+from tpr_core.authors import SOURCES
 from tpr_core.data.formats import FORMATS
 from tpr_core.data.store import SPLITS
 
@@ -44,6 +45,7 @@ REGISTRY_COMMANDS = {
     "promote --dry-run": ["promote", "--dry-run", "--model-name", "nobody", "--run", _RUN],
     "promote": ["promote", "--model-name", "nobody", "--run", _RUN],
     "rollback": ["rollback", "--model-name", "nobody"],
+    "index": ["index", "--model", "models:/nobody@champion", "--images", "imgs", "--out", "idx"],
 }
 
 
@@ -87,6 +89,9 @@ def test_every_enumerated_option_is_a_choice_and_help_lists_it():
         ("data", "prepare"): {"--format": tuple(FORMATS)},
         ("evaluate",): {"--split": SPLITS},
         ("promote",): {"--split": SPLITS, "--gallery-split": SPLITS},
+        ("search",): {"--format": ("table", "json")},
+        ("index",): {"--split": SPLITS},
+        ("import",): {"--format": tuple(SOURCES)},
     }
     assert options == expected
     for path, flags in options.items():
