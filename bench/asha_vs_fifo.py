@@ -73,7 +73,7 @@ def write_space(path: Path, scheduler: dict[str, Any], search: str, samples: int
     path.write_text(
         "# bench/asha_vs_fifo.py search space\n"
         + yaml.safe_dump(
-            {"metric": "val/R1", "mode": "max", "search": search, "samples": samples, "scheduler": scheduler,
+            {"metric": "best_val/R1", "mode": "max", "search": search, "samples": samples, "scheduler": scheduler,
              "params": PARAMS},
             sort_keys=False,
         )

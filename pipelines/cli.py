@@ -1,13 +1,22 @@
-"""The ``tpr`` command: subcommands mapped to plain functions."""
+"""The ``tpr`` command: subcommands mapped to plain functions.
+
+Results (tables, ids, paths) go to stdout; progress, warnings and errors to stderr. ``-q`` and
+``-v`` before the command set how much the command and the libraries it drives show
+(:mod:`pipelines.terminal`).
+"""
 
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from pathlib import Path
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from pipelines import terminal
 from pipelines.cli_errors import fail, print_error
 from tpr_core.config import ConfigError
 from tpr_core.data.formats import FORMATS
@@ -17,6 +26,43 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate or prepare datasets.
 app.add_typer(data_app, name="data")
 
 console = Console()
+
+# The source formats (tpr_core.data.formats), as the choices of --format.
+Format = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        console.print(f"tpr {metadata.version('tpr')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' INFO lines (Ray, MLflow)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results, warnings and errors; no progress."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print tpr's version and exit."
+    ),
+) -> None:
+    """Text-based person retrieval pipeline."""
+    if verbose and quiet:
+        raise typer.BadParameter("give at most one of -v/--verbose and -q/--quiet")
+    terminal.configure(terminal.VERBOSE if verbose else terminal.QUIET if quiet else terminal.NORMAL)
+
+
+def _counts_table(title: str, counts: dict[str, Any]) -> Table:
+    """Identities / images / captions per split (``counts[kind][split]`` or ``counts[split][kind]``)."""
+    kinds = ("identities", "images", "captions")
+    splits = [s for s in ("train", "val", "test", "total") if s in counts or s in counts.get(kinds[0], {})]
+    table = Table(title=title)
+    table.add_column("split")
+    for k in kinds:
+        table.add_column(k, justify="right")
+    for s in splits:
+        row = counts[s] if s in counts else {k: counts[k][s] for k in kinds}
+        table.add_row(s, *[str(row[k]) for k in kinds])
+    return table
 
 
 def _parse_hw(text: str) -> tuple[int, int]:
@@ -47,12 +93,16 @@ def data_synth(
         seed=seed,
         size=_parse_hw(size),
     )
-    console.print(summary)
+    reused = " (reused: same parameters)" if summary["reused"] else ""
+    totals = {k: sum(summary[k].values()) for k in ("identities", "images", "captions")}
+    counts = {k: {**summary[k], "total": totals[k]} for k in totals}
+    console.print(_counts_table(f"{summary['path']}{reused}", counts))
+    console.print(f"took {summary['seconds']:.1f} s")
 
 
 @data_app.command("prepare")
 def data_prepare(
-    fmt: str = typer.Option(..., "--format", help=" | ".join(FORMATS)),
+    fmt: Format = typer.Option(..., "--format", help="Source format of the raw dataset."),
     root: Path = typer.Option(..., "--root", help="Raw dataset folder as distributed."),
     out: Path = typer.Option(..., "--out", help="Output folder for Parquet shards + _manifest.json."),
     shard_rows: int = typer.Option(2048, "--shard-rows", min=1, help="Rows per Parquet shard."),
@@ -75,7 +125,7 @@ def data_prepare(
         )
     except DataFormatError as e:
         fail(str(e))
-    console.print(f"wrote {out} ({manifest['source_format']}): {manifest['counts']}")
+    console.print(_counts_table(f"wrote {out} ({manifest['source_format']})", manifest["counts"]))
     if manifest.get("skipped"):
         console.print(f"[yellow]skipped {len(manifest['skipped'])} bad records (listed in _manifest.json)[/]")
 
@@ -117,8 +167,6 @@ def sweep_cmd(
     cfg = load_config(config, overrides or [])
     out = sweep(cfg, space, runs_dir=runs_dir, samples=samples, max_concurrent=max_concurrent, name=name,
                 resume=resume, seed=seed)
-    from rich.table import Table
-
     t = Table(title=f"sweep {out['sweep_name']}: {len(out['trials'])} trials")
     keys = [k for k in out["trials"][0] if k not in ("mlflow_run_id",)] if out["trials"] else []
     for k in keys:
@@ -126,13 +174,11 @@ def sweep_cmd(
     for r in out["trials"]:
         t.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys])
     console.print(t)
-    console.print(f"best {out['metric']}: {out.get('best_metric')} with {out.get('best_params')}")
+    console.print(f"best trial: {out['metric']} {out.get('best_metric')} with {out.get('best_params')}")
     console.print(f"MLflow parent run: {out['parent_run_id']}")
 
 
 def _print_result(m: dict) -> None:
-    from rich.table import Table
-
     t = Table(title=f"run {m.get('run_name')}")
     t.add_column("metric")
     t.add_column("value", justify="right")

@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipelines.cli_errors import err_console, fail
+from pipelines.registry_cli import Split
 
 console = Console()
 
@@ -49,7 +50,7 @@ def open_model(spec: str, runs_dir: str) -> Iterator[tuple[Any, str]]:
         else:
             from pipelines.registry_cli import _mlflow
 
-            with _mlflow(runs_dir):
+            with _mlflow(runs_dir, read_only=True):
                 folder = exported_dir_of(download_registered_model(spec, tmp))
             name = spec
         try:
@@ -74,7 +75,7 @@ def index_cmd(
         str, typer.Option("--images", help="A folder of images (searched recursively) or a prepared dataset.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Index folder; an existing one is resumed.")],
-    split: Annotated[str, typer.Option("--split", help="Split of a prepared dataset.")] = "test",
+    split: Annotated[Split, typer.Option("--split", help="Split of a prepared dataset.")] = "test",
     captions: Annotated[
         bool, typer.Option("--captions", help="Index the split's captions (for --image queries).")
     ] = False,
@@ -95,22 +96,21 @@ def index_cmd(
     ] = "runs",
 ) -> None:
     """Embed every image of a folder (or a prepared split) with a model, into a resumable index."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from tpr_core.index import ImageIndexError, build_index
+    from tpr_core.progress import Progress
 
-    with open_model(model, runs_dir) as (exported, name):
-        columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
-            task = bar.add_task("index", total=None)
-            try:
-                res = build_index(
-                    exported, name, images, out, split=split, captions=captions, batch_size=batch_size,
-                    part_rows=part_rows, skip_bad=skip_bad, max_pixels=max_pixels,
-                    progress=lambda done, total: bar.update(task, completed=done, total=total),
-                )  # fmt: skip
-            except (ImageIndexError, ValueError, FileNotFoundError) as e:
-                fail(str(e))
+    def _advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.advance(done - bar.done)
+
+    with open_model(model, runs_dir) as (exported, name), Progress("indexing", None, "rows") as bar:
+        try:
+            res = build_index(
+                exported, name, images, out, split=split, captions=captions, batch_size=batch_size,
+                part_rows=part_rows, skip_bad=skip_bad, max_pixels=max_pixels, progress=_advance,
+            )  # fmt: skip
+        except (ImageIndexError, ValueError, FileNotFoundError) as e:
+            fail(str(e))
     kind = res.meta["kind"]
     console.print(
         f"index {escape(str(res.out))}: {res.rows} {kind}s ({res.added} added, {res.already} already there) "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines import terminal
 from pipelines.storage import is_uri
 from tpr_core.config import ConfigError, ExperimentConfig
 
@@ -258,12 +259,13 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(terminal.quiet_env())
     if not os.environ.get("RAY_ADDRESS"):
         use_private_ray_token()
     if os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job's runtime env applies (a second one would conflict);
         # Train workers get their variables from RunConfig.worker_runtime_env either way.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=terminal.ray_logging_level())
     else:
         # Ray Train's placement-group cleaner (it frees the workers of a trial ASHA stopped) asks
         # the state API whether the trial's controller lives; without an address that API finds
@@ -274,12 +276,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         port = _free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True,
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 logging_level=terminal.ray_logging_level())
+    terminal.filter_ray_output()
 
 
 def worker_env(cfg: ExperimentConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in _WORKER_ENV_KEYS if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(terminal.quiet_env())  # verbosity, MLflow's URL prints and log level
     # Ray Train reroutes a worker's print() through logging and, once anything wraps stdout,
     # prints it a second time as well: the progress lines would show twice on the driver.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
@@ -310,5 +315,6 @@ def ray_configs(cfg: ExperimentConfig, paths: RunPaths, callbacks: list | None =
         ),
         worker_runtime_env={"env_vars": worker_env(cfg)},
         callbacks=callbacks or None,
+        logging_config=terminal.train_logging_config(),
     )
     return scaling, run

@@ -3,7 +3,7 @@
 A space file::
 
     # tpr sweep pipelines/configs/fmfa_synthetic_tiny.yaml --space tune_spaces/fmfa.yaml
-    metric: val/R1          # what the search and ASHA optimise
+    metric: best_val/R1     # what the search and ASHA optimise (the one choice, see below)
     mode: max
     search: optuna          # optuna (TPE) | random
     samples: 8              # default trial count (--samples overrides)
@@ -20,6 +20,10 @@ A space file::
 
 Every key is checked against the experiment schema and every range end (or choice)
 against the field's own validation before anything starts; errors name the key.
+
+The metric is the running best ``best_val/R1`` that every training report carries (the val R@1
+of the epoch the run will export so far), with mode ``max``: Tune's best trial is then the trial
+whose exported model is best, and its "current best" never jumps back with a worse last epoch.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tpr_core.config import ConfigError, ExperimentConfig, apply_overrides, chec
 from tpr_core.experiment import check_experiment, config_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
+METRIC = "best_val/R1"  # pipelines.worker.loop.BEST_METRIC, reported by every training
 
 
 class SchedulerSpec(BaseModel):
@@ -45,12 +50,29 @@ class SchedulerSpec(BaseModel):
 
 class SpaceFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metric: str = Field("val/R1", description="Metric optimised.")
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(METRIC, description=f"Metric optimised: {METRIC}, the run's best val R@1 so far.")
+    mode: Literal["max", "min"] = Field("max", description="max (R@1 is better higher).")
     search: Literal["optuna", "random"] = "optuna"
     samples: int = Field(8, ge=1)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     params: dict[str, dict[str, list[Any]]]
+
+    @field_validator("metric")
+    @classmethod
+    def _running_best(cls, v: str) -> str:
+        if v != METRIC:
+            raise ValueError(
+                f"{v!r}: use {METRIC!r}, the best val R@1 of the run so far, which picks the model "
+                "tpr exports (the last epoch's val/R1 would rank trials by another epoch)"
+            )
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _max(cls, v: str) -> str:
+        if v != "max":
+            raise ValueError(f"{v!r}: {METRIC} is better higher, use 'max'")
+        return v
 
     @field_validator("params")
     @classmethod

@@ -28,6 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines import terminal
+from pipelines.env import scoped_env
 from pipelines.job import WorkerJob
 from pipelines.setup import init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
@@ -135,7 +137,10 @@ def sweep(
             tuner = _restored_tuner(exp_dir, trainable)
         else:
             tuner = _new_tuner(cfg, space, trainable, name, tune_storage, n, max_concurrent, seed)
-        grid = tuner.fit()
+        # Tune adds a TensorBoard logger of its own (and prints how to open it); the trial
+        # results tpr reads come from the CSV and JSON loggers _new_tuner names.
+        with scoped_env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+            grid = tuner.fit()
         summary = _log_parent(grid, space, parent, cfg, name, runs_dir=paths.runs_dir)
         tracking.set_terminated(parent, "FINISHED")
     summary["parent_run_id"] = parent
@@ -183,21 +188,26 @@ def _new_tuner(
     as the cluster holds (or ``max_concurrent``)."""
     from ray import tune
     from ray.tune import TuneConfig
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Slots: what the cluster holds in trials of W workers. A trial stopped by ASHA has its
     # controller killed with it; Ray Train's placement-group cleaner (it needs the dashboard's
     # state API, part of ray[default]) then frees its workers for the next trial.
     concurrency = max_concurrent or default_max_concurrent(cfg)
     # The trial table (state, searched params, iteration, epoch, the space's metric) is
-    # Tune's own live output.
+    # Tune's own live output. The searcher alone limits the trials at once (Tune's
+    # max_concurrent_trials would be a second limit, and it warns that it ignores it).
     return tune.Tuner(
         trainable,
         param_space=tune_distributions(space),
         tune_config=TuneConfig(
             metric=space.metric, mode=space.mode, search_alg=_searcher(space, concurrency, seed),
-            scheduler=_scheduler(cfg, space), num_samples=samples, max_concurrent_trials=concurrency,
+            scheduler=_scheduler(cfg, space), num_samples=samples,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=tune_storage),
+        run_config=tune.RunConfig(
+            name=name, storage_path=tune_storage, verbose=terminal.tune_verbosity(),
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+        ),
     )
 
 
@@ -207,6 +217,7 @@ def _searcher(space: SpaceFile, concurrency: int, seed: int) -> Any:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        terminal.quiet_optuna()
         return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -248,7 +259,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         status = "ERROR" if res.error else ("DONE" if finished else "STOPPED")
         row = {
             "trial": Path(getattr(res, "path", "") or "").name, "status": status,
-            "best_" + space.metric: score, "epochs": int(hist["epoch"].max()) if hist is not None and "epoch" in hist else None,
+            space.metric: score, "epochs": int(hist["epoch"].max()) if hist is not None and "epoch" in hist else None,
             "test/R1": last.get("test/R1"),
             # a trial ASHA stopped never sent its final report: find its child run by its key
             "mlflow_run_id": last.get("mlflow_run_id") or (
@@ -280,7 +291,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
     best_cfg = trial_config(cfg, best["params"])
     out.update(best_metric=best["score"], best_params=best["params"], best_config=best_cfg.model_dump(mode="json"))
     child = best["row"]["mlflow_run_id"] or _find_child_run(cfg.tracking.experiment, parent, best["params"])
-    metrics = {f"best/{space.metric}": float(best["score"])}
+    metrics = {"best/val/R1": float(best["score"])}  # the parent run's MLflow key
     tracking.log_metrics(parent, metrics, step=0)
     tracking.log_params_flat(parent, {f"best.{k}": v for k, v in best["params"].items()})
     if child:
@@ -329,7 +340,7 @@ def _metric_vs_params(rows: list[dict], space: SpaceFile, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = list(space.params)
-    mkey = "best_" + space.metric
+    mkey = space.metric
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)

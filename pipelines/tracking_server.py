@@ -16,6 +16,13 @@ Layout under ``runs_dir``::
 When ``MLFLOW_TRACKING_URI`` is already set (a shared team server, a cluster deployment),
 it wins and nothing is started.
 
+Commands that only read (``tpr search``, ``tpr evaluate``, ``tpr models``, ``tpr promote
+--dry-run``) start no server: :func:`read_store` points MLflow at the SQLite file itself and
+reads the proxied artifacts (``mlflow-artifacts:/...``) from the folder beside it
+(:func:`direct_artifact_uri`). Neither it nor ``tracking_server(create=False)`` (``tpr
+promote``, ``tpr rollback``) creates a store where there is none: :class:`NoStoreError` names
+the path instead.
+
 Ray workers inherit the environment of the process that started the local Ray instance,
 and the URI is set only once the server answers. ``tpr train``, ``tpr sweep`` and the demo
 start Ray while the server boots (``while_starting=init_ray``, about 10 s saved on 2
@@ -26,6 +33,7 @@ that starts Ray inside the block gets the URI from the environment.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import signal
@@ -48,6 +56,14 @@ _BIND_ATTEMPTS = 3
 
 class TrackingServerError(RuntimeError):
     """The embedded MLflow server did not come up (the message carries its log tail)."""
+
+
+class NoStoreError(TrackingServerError):
+    """A command that needs an existing store found none (it never creates one)."""
+
+
+# The artifact folder of the store that read_store opened, in this context (None: not reading directly).
+_DIRECT_ARTIFACTS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tpr_direct_artifacts", default=None)
 
 
 def _db_path(runs_dir: str | Path) -> Path:
@@ -254,11 +270,75 @@ def _start(
     )
 
 
+def _existing_db(runs_dir: str | Path) -> Path:
+    """The store's database under ``runs_dir``; :class:`NoStoreError` naming it when it is absent."""
+    db = _db_path(runs_dir)
+    if not db.is_file():
+        raise NoStoreError(
+            f"no MLflow store at {db} (nothing was trained or registered with --runs-dir {runs_dir}); "
+            "give the --runs-dir that `tpr train` used, or set MLFLOW_TRACKING_URI"
+        )
+    return db
+
+
+@contextlib.contextmanager
+def read_store(runs_dir: str | Path) -> Iterator[str]:
+    """Read the store under ``runs_dir`` directly, without a server, for the duration of the block.
+
+    ``MLFLOW_TRACKING_URI``, when set, wins and is yielded unchanged. Otherwise MLflow reads the
+    SQLite file (``MLFLOW_TRACKING_URI`` is set to it inside the block, restored afterwards) and
+    :func:`direct_artifact_uri` maps the server's proxied artifact URIs to the local folder.
+
+    Raises:
+        NoStoreError: There is no store under ``runs_dir``; nothing is created.
+    """
+    preset = os.environ.get("MLFLOW_TRACKING_URI")
+    if preset:
+        yield preset
+        return
+    db = _existing_db(runs_dir)
+    uri = _sqlite_uri(db)
+    token = _DIRECT_ARTIFACTS.set(db.parent / "artifacts")
+    try:
+        with scoped_env(MLFLOW_TRACKING_URI=uri):
+            yield uri
+    finally:
+        _DIRECT_ARTIFACTS.reset(token)
+
+
+def direct_artifact_uri(uri: str) -> str:
+    """The URI to download ``uri`` from: unchanged, unless :func:`read_store` reads a store directly.
+
+    Then ``models:/...`` and ``runs:/...`` are resolved through the store to where the artifacts
+    lie, and the server's proxied ``mlflow-artifacts:/PATH`` becomes the local folder
+    ``mlflow/artifacts/PATH`` (refused if it leads outside that folder).
+    """
+    root = _DIRECT_ARTIFACTS.get()
+    if root is None:
+        return uri
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if uri.startswith("models:/"):
+        uri = ModelsArtifactRepository.get_underlying_uri(uri)
+    elif uri.startswith("runs:/"):
+        uri = RunsArtifactRepository.get_underlying_uri(uri)
+    if not uri.startswith("mlflow-artifacts:"):
+        return uri
+    from urllib.parse import unquote, urlparse
+
+    path = (root / unquote(urlparse(uri).path).lstrip("/")).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise TrackingServerError(f"artifact URI {uri} leads outside the store's artifact folder {root}")
+    return str(path)
+
+
 @contextlib.contextmanager
 def tracking_server(
     runs_dir: str | Path,
     timeout_s: float = _SERVER_START_TIMEOUT_S,
     while_starting: Callable[[], None] | None = None,
+    create: bool = True,
 ) -> Iterator[str]:
     """Run an MLflow tracking server on loopback for the duration of the block.
 
@@ -275,6 +355,7 @@ def tracking_server(
             block; for other start-up work such as ``ray.init``. It runs before
             ``MLFLOW_TRACKING_URI`` is set, so processes it starts do not inherit the URI:
             hand it to them explicitly.
+        create: Create the store when there is none (False: :class:`NoStoreError` instead).
 
     Yields:
         The tracking URI (``http://127.0.0.1:PORT`` or the one from the environment).
@@ -282,6 +363,7 @@ def tracking_server(
     Raises:
         TrackingServerError: The server exited or did not answer in time; the message carries
             the tail of ``runs_dir/mlflow/server.log``.
+        NoStoreError: ``create`` is False and there is no store under ``runs_dir``.
     """
     preset = os.environ.get("MLFLOW_TRACKING_URI")
     if preset:
@@ -290,6 +372,8 @@ def tracking_server(
         yield preset
         return
 
+    if not create:
+        _existing_db(runs_dir)
     base = Path(runs_dir).resolve() / "mlflow"
     (base / "artifacts").mkdir(parents=True, exist_ok=True)
     _seed_store(base / "mlflow.db")

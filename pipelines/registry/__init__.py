@@ -10,6 +10,7 @@ Modules
     :mod:`~pipelines.registry.evaluation`  :func:`evaluate_exported` on one split.
     :mod:`~pipelines.registry.gallery`     :func:`build_gallery_index` of the serving model.
     :mod:`~pipelines.registry.query`       :func:`search` of a registered model with a text.
+    :mod:`~pipelines.registry.listing`     :func:`list_models`, :func:`list_versions` (``tpr models``).
 
 The names below are the package's API: ``from pipelines import registry; registry.promote(...)``.
 """
@@ -38,8 +39,16 @@ from pipelines.registry.common import (
 )
 from pipelines.registry.evaluation import EvalOutcome, evaluate_exported
 from pipelines.registry.gallery import build_gallery_index
+from pipelines.registry.listing import list_models, list_versions
 from pipelines.registry.lock import PromotionLock, PromotionLockTimeout, break_lock
-from pipelines.registry.promotion import PromotionResult, RollbackResult, gate_decision, promote, rollback
+from pipelines.registry.promotion import (
+    PromotionResult,
+    RollbackResult,
+    gate_decision,
+    preview_promotion,
+    promote,
+    rollback,
+)
 from pipelines.registry.query import SearchResult, search
 
 __all__ = [
@@ -69,7 +78,10 @@ __all__ = [
     "exported_dir_of",
     "gallery_index_of",
     "gate_decision",
+    "list_models",
+    "list_versions",
     "log_registered_model",
+    "preview_promotion",
     "promote",
     "resolve_source_run",
     "rollback",

@@ -55,12 +55,12 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     """Download the exported model folder logged under ``model/`` of a run into ``dst``."""
     import mlflow
 
+    from pipelines.tracking_server import direct_artifact_uri
     from tpr_core.export import INFO_FILE
 
     try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH, dst_path=str(dst)
-        )
+        uri = direct_artifact_uri(f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     except Exception as e:
         raise RegistryError(
             f"run {run_id} has no exported model under artifact path {MODEL_ARTIFACT_PATH!r}: {e}"
@@ -80,8 +80,11 @@ def download_registered_model(model_uri: str, dst: str | Path) -> Path:
     """
     import mlflow
 
+    from pipelines.tracking_server import direct_artifact_uri
+
     try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        uri = direct_artifact_uri(model_uri)
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as e:
         raise RegistryError(f"cannot download model {model_uri}: {e}") from None
     want = _recorded_weights_sha(model_uri)

@@ -49,6 +49,7 @@ def evaluate_exported(
         cfg.model.text_length,
         cfg.data.eval_batch_size,
         return_topk=topk,
+        progress=f"evaluating on {split}",
     )
     metrics = {k: float(v) for k, v in result.metrics.items()}
     return EvalOutcome(metrics, result, data, root, manifest_hash(root))

@@ -24,11 +24,15 @@ def build_gallery_index(exported: Any, data_root: str, split: str, out_path: str
     from tpr_core.data.dataset import GalleryDataset, load_split
     from tpr_core.data.store import load_split_table
     from tpr_core.eval import encode_dataset, module_encoder
+    from tpr_core.progress import Progress
 
     cfg = exported.cfg
     data = load_split(data_root, split)
     gallery = GalleryDataset(data, tuple(cfg.model.image_size))
-    enc = encode_dataset(module_encoder(exported.model), gallery, "image", cfg.data.eval_batch_size)
+    with Progress(f"indexing the {split} gallery", len(gallery), "images") as progress:
+        enc = encode_dataset(
+            module_encoder(exported.model), gallery, "image", cfg.data.eval_batch_size, progress=progress
+        )
     feats = F.normalize(enc.feats.float(), dim=1).cpu().numpy().astype(np.float32)  # (G, D)
     image_ids = enc.ids.cpu().numpy().astype(np.int64)
     # Gallery order is the split's unique-image order; look paths and source ids up by image id.

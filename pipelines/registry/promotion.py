@@ -43,6 +43,7 @@ from pipelines.registry.common import (
     EXIT_KEPT,
     EXIT_PROMOTED,
     GATE_METRIC,
+    MODEL_ARTIFACT_PATH,
     PREVIOUS,
     WEIGHTS_TAG,
     RegistryError,
@@ -53,6 +54,7 @@ from pipelines.registry.common import (
 )
 from pipelines.registry.evaluation import EvalOutcome, evaluate_exported
 from pipelines.registry.lock import PromotionLock
+from pipelines.terminal import mlflow_prints_off
 from tpr_core.eval.metrics import REPORTED_METRICS
 
 
@@ -251,7 +253,8 @@ def _register_challenger(
         ).info.run_id
         try:
             uri = log_registered_model(local, root, gallery_split, run_id=reg_run)
-            mv = mlflow.register_model(uri, model_name, tags=version_tags)
+            with mlflow_prints_off():  # "Successfully registered model", "Created version"
+                mv = mlflow.register_model(uri, model_name, tags=version_tags)
         except BaseException:
             tracking.set_terminated(reg_run, "FAILED")
             raise
@@ -451,3 +454,48 @@ def rollback(model_name: str, lock_timeout_s: float = 3600.0) -> RollbackResult:
         desc = (restored.description or "").rstrip()
         client.update_model_version(model_name, prev, description=f"{desc}\n{note}".strip())
     return RollbackResult(model_name, current, prev, older)
+
+
+def preview_promotion(
+    model_name: str,
+    run_id: str | None = None,
+    sweep_run_id: str | None = None,
+    margin: float = 0.0,
+    split: str = "val",
+    data_root: str | None = None,
+) -> PromotionResult:
+    """What :func:`promote` would decide now, changing nothing (``tpr promote --dry-run``).
+
+    The source run's model and the current champion are evaluated on ``split`` as the gate
+    would; nothing is registered, no alias or tag moves, no lock is taken (a concurrent
+    promotion may change the champion in the meantime).
+
+    Returns:
+        A :class:`PromotionResult` without a version (``version`` ""); ``champion`` is the
+        champion now, ``model_uri`` the source run's model.
+    """
+    from tpr_core.data.dataset import load_split
+    from tpr_core.export import load_exported
+
+    client = mlflow_client()
+    source = resolve_source_run(run_id, sweep_run_id)
+    with tempfile.TemporaryDirectory(prefix="tpr-promote-") as tmp:
+        exported = load_exported(download_run_model(source, tmp), device=torch_device())
+        root = str(data_root or exported.cfg.data.root)
+        ev = evaluate_exported(exported, root, split, split_data=load_split(root, split))
+    current = _alias_version(client, model_name, CHAMPION)
+    champion_metrics = None
+    if current is not None:
+        champion_metrics = _eval_version(model_name, current, ev.data_root, split, ev.split_data)
+    decision, reason = gate_decision(
+        ev.metrics[GATE_METRIC],
+        None if champion_metrics is None else champion_metrics[GATE_METRIC],
+        margin,
+        split,
+        current,
+    )
+    return PromotionResult(
+        model_name=model_name, version="", decision=decision, reason=reason, split=split,
+        challenger_metrics=ev.metrics, champion_metrics=champion_metrics, compared_with=current,
+        champion=current or "", source_run_id=source, model_uri=f"runs:/{source}/{MODEL_ARTIFACT_PATH}",
+    )  # fmt: skip

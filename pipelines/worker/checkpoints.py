@@ -58,7 +58,9 @@ def resume(engine: Any, state: dict[str, Any], rank: int) -> None:
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
     if rank == 0:
-        print(f"[tpr] resumed from checkpoint at epoch {state['epoch']} (step {state['step']})", flush=True)
+        from pipelines.terminal import log
+
+        log.info(f"[tpr] resumed from checkpoint at epoch {state['epoch']} (step {state['step']})")
 
 
 def save_checkpoint(engine: Any, state: dict, rank: int) -> str:

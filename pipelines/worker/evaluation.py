@@ -42,7 +42,7 @@ def distributed_evaluate(
     batch_size = max(1, cfg.data.eval_batch_size // world)
     images, texts = encode_split(
         engine_encoder(engine, device), split_data, tokenizer, cfg.model.image_size, cfg.model.text_length,
-        batch_size, rank=rank, world=world, gather=all_gather,
+        batch_size, rank=rank, world=world, gather=all_gather, progress="evaluating" if rank == 0 else None,
     )
     result: list[Any] = [rank_encoded(images, texts, return_topk=topk) if rank == 0 else None]
     if world > 1:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines import terminal
 from pipelines.job import WorkerJob
 from pipelines.storage import local_dir, write_bytes, write_text
 from pipelines.worker.checkpoints import load_best, report_checkpoint, resume, save_checkpoint, seed_all
@@ -23,6 +24,12 @@ from pipelines.worker.export import consolidated_state_dict, export_and_log, pro
 from pipelines.worker.tracker import Tracker
 from tpr_core.config import ExperimentConfig
 from tpr_core.eval.metrics import REPORTED_METRICS
+from tpr_core.progress import Progress
+
+# The running best of the run, in every report: the val/R1 of the epoch tpr will export so far
+# (the best of the epochs that can be picked, see _end_epoch). It is what Ray Tune optimises,
+# so Tune's best trial and tpr's best model agree.
+BEST_METRIC = "best_val/R1"
 
 
 @dataclass
@@ -30,9 +37,10 @@ class _Worker:
     """What one rank holds for a whole training.
 
     ``state`` is what a checkpoint's ``trainer_state.json`` saves: ``epoch`` and ``step`` done,
-    ``best_r1`` and ``best_epoch`` so far, ``last_val`` (the latest validation metrics: every
-    report carries them, as Tune and ASHA need the metric in each result; val/R1 0 before the
-    first validation) and ``mlflow_run_id``.
+    ``best_r1`` and ``best_epoch`` so far (over the epochs the final export can pick, so a
+    restored run continues the same running best), ``last_val`` (the latest validation
+    metrics: every report carries them, as Tune and ASHA need the metric in each result; val/R1
+    0 before the first validation) and ``mlflow_run_id``.
     """
 
     job: WorkerJob
@@ -60,6 +68,7 @@ class _Worker:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker; ``loop_config`` carries the
     :class:`~pipelines.job.WorkerJob` (``WorkerJob.loop_config``)."""
+    terminal.configure_worker()
     w = _setup(WorkerJob.of(loop_config))
     last_epoch = _train_epochs(w)
     _finish(w, last_epoch)
@@ -143,7 +152,8 @@ def _train_epochs(w: _Worker) -> tuple[dict, str] | None:
 
 def _train_epoch(w: _Worker, epoch: int) -> tuple[float, float]:
     """One epoch of optimizer steps, logging the averaged loss terms every ``train.log_every``
-    steps; returns the last micro-batch's loss and the epoch's samples per second (all ranks)."""
+    steps; returns the last micro-batch's loss and the epoch's samples per second (all ranks).
+    Rank 0 shows a step counter within the epoch (:mod:`tpr_core.progress`)."""
     w.sampler.set_epoch(epoch)
     w.dataset.set_epoch(epoch)
     w.engine.module.train()
@@ -151,6 +161,8 @@ def _train_epoch(w: _Worker, epoch: int) -> tuple[float, float]:
     sums = torch.zeros(len(w.term_names) + 1)  # total, then each term
     n_logged = samples = 0
     loss = float("nan")
+    steps = w.micro_per_epoch // w.cfg.distributed.grad_accum
+    progress = Progress(f"[tpr] epoch {epoch + 1}/{w.cfg.train.epochs}", steps, "steps", show=None if w.rank == 0 else False)
     for i, batch in enumerate(w.loader):
         if i >= w.micro_per_epoch:
             break
@@ -161,10 +173,12 @@ def _train_epoch(w: _Worker, epoch: int) -> tuple[float, float]:
         n_logged += 1
         if (i + 1) % w.cfg.distributed.grad_accum == 0:  # an optimizer step happened
             w.state["step"] += 1
+            progress.advance()
             if w.state["step"] % w.cfg.train.log_every == 0:
                 _log_train(w, sums / max(1, n_logged))
                 sums.zero_()
                 n_logged = 0
+    progress.close()
     elapsed = time.perf_counter() - t0
     return loss, samples * w.world / max(elapsed, 1e-9)
 
@@ -215,17 +229,20 @@ def _end_epoch(w: _Worker, epoch_done: int, throughput: float, loss: float) -> t
         res = distributed_evaluate(w.engine, w.val_data, w.tokenizer, cfg, w.device)
         val = {f"val/{k}": float(res.metrics[k]) for k in REPORTED_METRICS}
         state["last_val"] = val
-        if val["val/R1"] > state["best_r1"]:
+        # The epochs the export can pick (pipelines.worker.checkpoints.load_best): the checkpointed
+        # ones and the last; of equal val/R1 the earliest.
+        pickable = epoch_done % cfg.train.checkpoint_every == 0 or epoch_done == cfg.train.epochs
+        if pickable and val["val/R1"] > state["best_r1"]:
             state["best_r1"], state["best_epoch"] = val["val/R1"], epoch_done
         w.tracker.log({**val, "train/throughput": throughput}, state["step"], kind="val")
     metrics.update(state["last_val"])
+    metrics[BEST_METRIC] = max(float(state["best_r1"]), 0.0)
     state["mlflow_run_id"] = w.tracker.run_id
     if w.rank == 0:
         r1 = f"{metrics['val/R1']:.2f}" if evaluated else "-"
-        print(
+        terminal.log.info(
             f"[tpr] epoch {epoch_done}/{cfg.train.epochs} step {state['step']} "
-            f"loss {loss:.4f} {throughput:.1f} samples/s val/R1 {r1}",
-            flush=True,
+            f"loss {loss:.4f} {throughput:.1f} samples/s val/R1 {r1} (best {metrics[BEST_METRIC]:.2f})"
         )
     return metrics, evaluated
 
@@ -265,7 +282,7 @@ def _final_results(w: _Worker, best_metrics: dict) -> dict[str, Any]:
     probe = probe_embeddings(w.engine, test_data, w.tokenizer, cfg, w.device)
     state_dict = consolidated_state_dict(w.engine, cfg.distributed.zero_stage)
     out: dict[str, Any] = {
-        **w.state["last_val"], "epoch": w.state["epoch"], **final,
+        **w.state["last_val"], BEST_METRIC: max(float(w.state["best_r1"]), 0.0), "epoch": w.state["epoch"], **final,
         "best/epoch": best_metrics.get("epoch"), "best/val_R1": best_metrics.get("val/R1"),
         "model_dir": job.model_dir, "mlflow_run_id": w.tracker.run_id or "",
     }
@@ -279,9 +296,9 @@ def _final_results(w: _Worker, best_metrics: dict) -> dict[str, Any]:
         from safetensors.torch import save as to_safetensors
 
         write_bytes(job.probe_path, to_safetensors(probe))
-        print(
-            f"[tpr] done: best val/R1 {best_metrics.get('val/R1')} (epoch {best_metrics.get('epoch')}), "
-            f"test/R1 {final['test/R1']:.2f}, model {job.model_dir}",
-            flush=True,
+        best_r1 = best_metrics.get("val/R1")
+        terminal.log.info(
+            f"[tpr] done: best val/R1 {best_r1 if best_r1 is None else f'{best_r1:.2f}'} "
+            f"(epoch {best_metrics.get('epoch')}), test/R1 {final['test/R1']:.2f}, model {job.model_dir}"
         )
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -43,6 +44,9 @@ def test_prepare_each_format_exit_zero(tmp_path: Path) -> None:
         assert ds.dataset(out).to_table().num_rows == n_rows
         m = json.loads((out / MANIFEST_NAME).read_text())
         assert m["source_format"] == fmt and all(s["rows"] <= 8 for s in m["shards"])
+        total = m["counts"]["total"]  # the summary table's last row: identities, images, captions
+        assert _squash(f"│total│{total['identities']}│{total['images']}│{total['captions']}│") in _squash(res.output)
+        assert total["captions"] == n_rows
 
 
 def test_icfg_val_options_reach_prepare(tmp_path: Path) -> None:
@@ -120,7 +124,7 @@ def test_skip_bad_exit_zero_and_lists_records(tmp_path: Path) -> None:
 
 def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
     res = _prepare("--format", "market1501", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
-    assert res.exit_code == 2 and "unknown format 'market1501'" in " ".join(res.output.split())
+    assert res.exit_code == 2 and _squash("'market1501' is not one of") in _squash(res.output)
     res = _prepare("--format", "rstpreid", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and _squash(str(tmp_path / "absent")) in _squash(res.output)
     assert not (tmp_path / "out").exists()
@@ -129,12 +133,14 @@ def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
 def test_format_help_and_unknown_format_come_from_the_formats_table(tmp_path: Path) -> None:
     prepare_cmd = typer.main.get_command(app).commands["data"].commands["prepare"]
     (fmt_option,) = [p for p in prepare_cmd.params if p.name == "fmt"]
-    assert fmt_option.help == "cuhk-pedes | icfg-pedes | rstpreid" == " | ".join(FORMATS)
-    res = _prepare("--help")
-    assert res.exit_code == 0 and "--format" in res.output, res.output
-    res = _prepare("--format", "market", "--root", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert typing.get_args(fmt_option.type_descriptor.annotation) == tuple(FORMATS)
+    res = runner.invoke(app, ["data", "prepare", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--format" in res.output and "cuhk-pedes|icfg-pedes|rstpreid" in res.output
+    args = ["data", "prepare", "--format", "market", "--root", str(tmp_path), "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert res.exit_code == 2
-    assert _squash(f"unknown format 'market'; expected one of {', '.join(FORMATS)}") in _squash(res.output)
+    assert _squash(f"'market' is not one of {', '.join(repr(f) for f in FORMATS)}") in _squash(res.output)
+    assert not (tmp_path / "out").exists()
 
 
 def _symlink_out(root: Path, records: list[dict]) -> None:
@@ -179,3 +185,21 @@ def test_prepare_refuses_deep_json_and_an_unwritable_out_by_name(tmp_path: Path)
     res = _prepare("--format", "cuhk-pedes", "--root", str(root), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and _squash("reid_raw.json: JSON nested too deeply") in _squash(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "raw"]
+
+
+def test_synth_ends_with_a_table_of_its_splits(tmp_path: Path) -> None:
+    """`tpr data synth` prints identities / images / captions per split and their total (#19), the
+    counts of the reid_raw.json it wrote; a second call with the same parameters says it reused it."""
+    out = tmp_path / "synth"
+    args = ["data", "synth", "--out", str(out), "--identities", "6", "--images-per-identity", "2",
+            "--captions-per-image", "1", "--size", "32x16"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    records = json.loads((out / "reid_raw.json").read_text())
+    for split in ("train", "val", "test"):
+        rows = [r for r in records if r["split"] == split]
+        ids, captions = len({r["id"] for r in rows}), sum(len(r["captions"]) for r in rows)
+        assert _squash(f"│{split}│{ids}│{len(rows)}│{captions}│") in _squash(res.output), (split, res.output)
+    assert _squash("│total│6│12│12│") in _squash(res.output) and len(records) == 12
+    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and _squash("(reused: same parameters)") in _squash(again.output)

@@ -310,3 +310,35 @@ def test_a_non_string_is_refused_through_mlflows_own_input_path(pyfunc, bad):
     model's own check is what refuses the row, naming it and the type it got."""
     with pytest.raises(Exception, match=rf"row 1: field 'text' must be a string, got {type(bad).__name__}"):
         pyfunc.predict(pd.DataFrame({"text": ["a man", bad]}))
+
+
+def test_read_only_commands_read_the_store_without_a_server(champion):
+    """With no MLFLOW_TRACKING_URI, ``search``, ``models`` and ``promote --dry-run`` read the SQLite
+    store and its artifact folder under --runs-dir directly (#19): the ranking the server gives,
+    the champion listed, and a dry-run gate that registers nothing."""
+    from pipelines.env import scoped_env
+
+    app = typer.Typer()
+    registry_cli.register(app)
+    runs = str(fx._CACHE / "runs")  # the shared server's store, read here beside it
+    text = fx.describe_identity(_val_people()[2])
+    served = registry.search(text, URI, top_k=3).rows
+    untrained = fx.log_training_run("untrained")
+    client = mlflow.MlflowClient()
+    before = [(v.version, v.aliases) for v in client.search_model_versions(f"name='{NAME}'")]
+    db = fx._CACHE / "runs" / "mlflow" / "mlflow.db"
+    with scoped_env(MLFLOW_TRACKING_URI=None):
+        search = CliRunner().invoke(app, ["search", text, "--model", URI, "--top-k", "3", "--runs-dir", runs])
+        models = CliRunner().invoke(app, ["models", "--model-name", NAME, "--runs-dir", runs])
+        dry = CliRunner().invoke(
+            app, ["promote", "--dry-run", "--model-name", NAME, "--run", untrained, "--runs-dir", runs]
+        )
+        assert os.environ.get("MLFLOW_TRACKING_URI") is None
+    assert search.exit_code == 0, search.output
+    for row in served:
+        assert row["image_path"] in search.output and f"{row['score']:.4f}" in search.output
+    assert models.exit_code == 0 and "champion" in models.output and "promoted" in models.output, models.output
+    assert dry.exit_code == registry.EXIT_KEPT, dry.output
+    assert "would be kept" in dry.output and "nothing was registered" in " ".join(dry.output.split())
+    assert [(v.version, v.aliases) for v in client.search_model_versions(f"name='{NAME}'")] == before
+    assert db.is_file()

@@ -1,5 +1,7 @@
 """tpr sweep on CPU: real Ray Tune over real Ray Train + DeepSpeed trials, real MLflow."""
 
+import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,7 +23,7 @@ def _cfg(synth_data, **extra):
 
 def _write_space(tmp_path, params, **top):
     p = tmp_path / "space.yaml"
-    p.write_text(yaml.safe_dump({"metric": "val/R1", "mode": "max", **top, "params": params}))
+    p.write_text(yaml.safe_dump({"metric": "best_val/R1", "mode": "max", **top, "params": params}))
     return p
 
 
@@ -56,6 +58,21 @@ def test_unknown_top_level_key_in_space(synth_data, tmp_path):
         load_space(space, _cfg(synth_data))
 
 
+@pytest.mark.parametrize(
+    "top, needle",
+    [({"metric": "val/R1"}, "metric: Value error, 'val/R1': use 'best_val/R1'"), ({"mode": "min"}, "mode: Value error, 'min'")],
+)
+def test_a_space_optimises_the_running_best_val_r1_upwards(synth_data, tmp_path, top, needle):
+    """Tune's best trial must be the one whose exported model is best (#19): the space's metric is
+    the running best best_val/R1 every report carries, maximised; anything else is refused."""
+    from pipelines.space import load_space
+
+    space = _write_space(tmp_path, {"loss.weights.efa": {"uniform": [0, 1]}}, **top)
+    with pytest.raises(ConfigError) as e:
+        load_space(space, _cfg(synth_data))
+    assert needle in str(e.value) and str(space) in str(e.value)
+
+
 def test_shipped_spaces_validate():
     from pipelines.space import load_space
 
@@ -69,7 +86,7 @@ def test_shipped_spaces_validate():
 
 
 @pytest.mark.slow
-def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
+def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path, capfd):
     import ray
     from mlflow import MlflowClient
 
@@ -82,6 +99,10 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
         out = sweep(_cfg(synth_data, train__epochs=2), SPACE, runs_dir=tmp_path, samples=4, name="sw")
     finally:
         ray.shutdown()
+    printed = "".join(capfd.readouterr())
+    assert "View detailed results here" in printed  # Tune's own output is there (#19) ...
+    for noise in ("To visualize your results with TensorBoard", "max_concurrent_trials", "Reporting training result"):
+        assert noise not in printed, noise  # ... but not its TensorBoard hint, its ignored-limit warning, per-rank reports
     assert len(out["trials"]) == 4
     for r in out["trials"]:  # a rung on the last epoch must not cut off the final report
         assert r["status"] == ("DONE" if r["epochs"] == 2 else "STOPPED"), r
@@ -105,6 +126,13 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path):
         assert {"trials.csv", "best_config.yaml", "model", "pictures"} <= arts
         for c in children:
             assert "train/loss" in c.data.metrics and "loss.weights.efa" in c.data.params
+        # Tune ranks by the metric tpr exports by: a finished trial's score is its exported model's val R@1
+        by_id = {c.info.run_id: c for c in children}
+        for r in out["trials"]:
+            if r["status"] == "DONE":
+                model_dir = by_id[r["mlflow_run_id"]].data.tags["tpr.model_dir"]
+                exported = json.loads(Path(model_dir, "metrics.json").read_text())
+                assert r["best_val/R1"] == pytest.approx(exported["val/R1"]), r
 
 
 def test_resume_of_unknown_sweep_is_refused_before_anything_starts(synth_data, tmp_path):

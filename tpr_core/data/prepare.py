@@ -40,6 +40,7 @@ from tpr_core import __version__
 from tpr_core.data.formats import FORMATS, FormatSpec
 from tpr_core.data.store import MANIFEST_VERSION, SCHEMA, SPLITS, DataFormatError, write_manifest
 from tpr_core.data.text import is_blank
+from tpr_core.progress import Progress, track
 
 MAX_REPORTED_ERRORS = 20
 # Largest image accepted by default: pedestrian crops are a few hundred pixels a side; a
@@ -349,7 +350,8 @@ def _validate(
     img_dir, real_root = root / spec.image_dir, root.resolve()
     unique = sorted(set(paths.values()))
     with _strict_pillow(), ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        results = dict(zip(unique, pool.map(lambda p: _check_image(img_dir / p, max_pixels, real_root), unique), strict=True))
+        checked = pool.map(lambda p: _check_image(img_dir / p, max_pixels, real_root), unique)
+        results = dict(zip(unique, track(checked, "checking images", len(unique), "images"), strict=True))
     for i, path in paths.items():
         _, reason = results[path]
         if reason is not None:
@@ -493,6 +495,7 @@ def _write_shards(img_dir: Path, images: list[_ImageEntry], tmp: Path, shard_row
     shards: list[dict[str, Any]] = []
     counts: dict[str, dict[str, int]] = {}
     ordered = _ordered(images)
+    progress = Progress("writing shards", sum(len(t[3].captions) for t in ordered), "rows")
     for split in SPLITS:
         part = [t for t in ordered if t[0] == split]
         counts[split] = {
@@ -515,6 +518,8 @@ def _write_shards(img_dir: Path, images: list[_ImageEntry], tmp: Path, shard_row
             for (sp, pid, iid, im), j in chunk:
                 _hash_row(h, sp, pid, iid, im, j)
             shards.append({"file": name, "split": split, "rows": len(chunk)})
+            progress.advance(len(chunk))
+    progress.close()
     counts["total"] = {k: sum(counts[s][k] for s in SPLITS) for k in ("identities", "images", "captions")}
     return {"counts": counts, "content_hash": f"sha256:{h.hexdigest()}", "shards": shards}
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tpr_core.eval.metrics import QueryRanks, rank_gallery_from_features
+from tpr_core.progress import Progress
 
 Forward = Callable[[dict[str, torch.Tensor], str], torch.Tensor]
 """``forward(batch, side)``: (B, D) features of a batch on the encoding device; ``side`` is
@@ -273,6 +274,7 @@ def encode_dataset(
     rank: int = 0,
     world: int = 1,
     gather: Gather = gather_local,
+    progress: Progress | None = None,
 ) -> Encoded:
     """Encode every item of ``dataset``, in dataset order; features on CPU.
 
@@ -287,6 +289,7 @@ def encode_dataset(
         batch_size: items per forward.
         rank, world: this rank and the number of ranks.
         gather: see :data:`Gather`; all ranks must call this function together.
+        progress: counts this rank's encoded items, if given.
 
     Returns:
         (N, D) float32 features, (N,) pids and the rows' ids, N = ``len(dataset)``.
@@ -299,7 +302,7 @@ def encode_dataset(
     positions = shard_positions(n, rank, world)
     share = dataset if world == 1 else Subset(dataset, positions)
     loader = DataLoader(share, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
-    enc = _encode(encoder, loader, side)
+    enc = _encode(encoder, loader, side, progress)
     parts = gather((enc.feats.cpu(), enc.pids, enc.ids, positions))
     return _assemble(parts, n)
 
@@ -314,6 +317,7 @@ def encode_split(
     rank: int = 0,
     world: int = 1,
     gather: Gather = gather_local,
+    progress: str | None = None,
 ) -> tuple[Encoded, Encoded]:
     """Encode a split's gallery (its unique images) and queries (every caption) with
     :func:`encode_dataset`; returns (images, texts), each in split order.
@@ -325,13 +329,17 @@ def encode_split(
         image_size: (H, W) the model takes.
         text_length: caption tokens the model takes.
         batch_size, rank, world, gather: see :func:`encode_dataset`.
+        progress: label of one :class:`~tpr_core.progress.Progress` over images and captions
+            (None: no display).
     """
     from tpr_core.data.dataset import GalleryDataset, QueryDataset
 
     gallery = GalleryDataset(split_data, (int(image_size[0]), int(image_size[1])))
     queries = QueryDataset(split_data, tokenizer, text_length)
-    images = encode_dataset(encoder, gallery, "image", batch_size, rank, world, gather)
-    texts = encode_dataset(encoder, queries, "text", batch_size, rank, world, gather)
+    share = len(shard_positions(len(gallery), rank, world)) + len(shard_positions(len(queries), rank, world))
+    with Progress(progress or "", share, "images + captions", show=None if progress else False) as p:
+        images = encode_dataset(encoder, gallery, "image", batch_size, rank, world, gather, p)
+        texts = encode_dataset(encoder, queries, "text", batch_size, rank, world, gather, p)
     return images, texts
 
 
@@ -344,15 +352,18 @@ def evaluate_split(
     batch_size: int,
     device: torch.device | str | None = None,
     return_topk: int = 0,
+    progress: str | None = None,
 ) -> EvalResult:
-    """Encode a split with a plain module in this process (:func:`encode_split`), then rank
-    text-to-image on ``device`` (default: the model's device).
+    """Encode a split with a plain module in this process (:func:`encode_split`, with its
+    ``progress`` label), then rank text-to-image on ``device`` (default: the model's device).
 
     Returns:
         An :class:`EvalResult`; ``metrics`` holds ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``.
     """
     encoder = module_encoder(model, device)
-    images, texts = encode_split(encoder, split_data, tokenizer, image_size, text_length, batch_size)
+    images, texts = encode_split(
+        encoder, split_data, tokenizer, image_size, text_length, batch_size, progress=progress
+    )
     return rank_encoded(images, texts, return_topk=return_topk, device=_device_of(encoder))
 
 
@@ -369,7 +380,9 @@ def _device_of(encoder: Encoder) -> torch.device:
     return encoder.device if encoder.device is not None else _model_device(encoder.module)
 
 
-def _encode(encoder: Encoder, batches: Iterable[Mapping[str, Any]], side: str) -> Encoded:
+def _encode(
+    encoder: Encoder, batches: Iterable[Mapping[str, Any]], side: str, progress: Progress | None = None
+) -> Encoded:
     what, id_key = _SIDES[side]
     dev = _device_of(encoder)
     model = encoder.module
@@ -393,6 +406,8 @@ def _encode(encoder: Encoder, batches: Iterable[Mapping[str, Any]], side: str) -
                 feats.append(out.float())  # autocast may hand back half precision
                 pids.append(torch.as_tensor(batch["pids"]).reshape(-1).cpu())
                 ids.append(batch.get(id_key))
+                if progress is not None:
+                    progress.advance(len(batch["pids"]))
     finally:
         model.train(was_training)
     if not feats:
