@@ -20,6 +20,12 @@ from typing import Any
 RUN_KEY_TAG = "tpr.run_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 BEST_TRIAL_TAG = "tpr.best_trial_run_id"  # on a sweep's parent run: the run id of its best trial
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as a run's description
+# MLflow 3 tells model development from GenAI work by this experiment tag; MLflow's own tools
+# (and later UIs) read it. The 3.17 UI picks its view from a URL parameter: see ui_url.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def _client():
@@ -34,16 +40,34 @@ def get_or_create_experiment(name: str) -> str:
 
     client = _client()
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        # Someone else created it between our look-up and our create.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:
+            # Someone else created it between our look-up and our create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older tpr, or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def context_tags(git_commit: str | None = None) -> dict[str, str]:
+    """The source tags MLflow's own context providers give this process (``mlflow.user``,
+    ``mlflow.source.name``/``type``, ``mlflow.source.git.*`` when the entry point lives in a git
+    checkout), for a run created elsewhere: Ray workers run Ray's entry point, not the user's.
+
+    ``git_commit`` fills ``mlflow.source.git.commit`` when MLflow's git provider found none
+    (``python -c``, a console script outside the checkout).
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = {k: str(v) for k, v in resolve_tags().items() if k.startswith(("mlflow.source.", "mlflow.user"))}
+    if git_commit and git_commit != "unknown":
+        tags.setdefault(MLFLOW_GIT_COMMIT, git_commit)
+    return tags
 
 
 def _check_key(run_key: str) -> None:
@@ -203,8 +227,50 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
         raise FileNotFoundError(f"artifact to log not found: {path}")
 
 
-def set_terminated(run_id: str, status: str = "FINISHED") -> None:
-    """End a run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
-    if status not in ("FINISHED", "FAILED", "KILLED"):
+def describe(run_id: str, text: str) -> None:
+    """Set the run's description (the UI's "Description" box, ``mlflow.note.content``)."""
+    _client().set_tag(run_id, DESCRIPTION_TAG, text)
+
+
+def set_terminated(run_id: str, status: str = "FINISHED", note: str | None = None) -> None:
+    """End a run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``); the end time is now.
+
+    ``note`` is appended to the run's description (why it failed or was stopped).
+    """
+    if status not in RUN_STATUSES:
         raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
-    _client().set_terminated(run_id, status=status)
+    client = _client()
+    if note:
+        old = client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "").rstrip()
+        client.set_tag(run_id, DESCRIPTION_TAG, f"{old}\n\n{note}".strip())
+    client.set_terminated(run_id, status=status)
+
+
+def end_open_run(experiment: str, run_key: str, status: str, note: str | None = None) -> str | None:
+    """End the run keyed ``run_key`` with ``status`` if it is still ``RUNNING`` (its process died
+    or was stopped before it could end it); returns its id, or None when there is none."""
+    run_id = find_run(experiment, run_key)
+    if run_id is not None and _client().get_run(run_id).info.status == "RUNNING":
+        set_terminated(run_id, status, note)
+    return run_id
+
+
+def ui_url(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None,
+           model_name: str | None = None) -> str:
+    """The MLflow UI page of an experiment (its runs table), a run, or a registered model.
+
+    The MLflow 3.17 UI opens an experiment in its GenAI view (traces, no model registry link)
+    unless the URL says ``workflowType=machine_learning``; it does not read the experiment's
+    ``mlflow.experimentKind`` tag for this.
+    """
+    base = tracking_uri.rstrip("/")
+    query = "?workflowType=machine_learning"
+    if model_name is not None:
+        from urllib.parse import quote
+
+        return f"{base}/#/models/{quote(model_name, safe='')}{query}"
+    if experiment_id is None:
+        return f"{base}/#/experiments{query}"
+    if run_id is not None:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{query}"
+    return f"{base}/#/experiments/{experiment_id}/runs{query}"
