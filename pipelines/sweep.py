@@ -82,7 +82,7 @@ def _make_trainable(
     def trial(params: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from pipelines.train import fit, prepare_run
+        from pipelines.train import end_failed_run, fit, prepare_run
 
         name = f"{sweep_name}-t{_trial_key(tune.get_context().get_trial_id())}"
         paths, job = prepare_run(trial_config(base, params), runs_dir, name)
@@ -91,6 +91,7 @@ def _make_trainable(
         job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params)
         result = fit(paths, job, callbacks=[TuneReportCallback()])
         if result.error is not None:
+            end_failed_run(job, result.error)
             raise result.error
 
     return tune.with_resources(trial, TRIAL_DRIVER_RESOURCES)
@@ -258,6 +259,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
             **params,
         }
         rows.append(row)
+        _end_trial_run(row, res.error, space)
         # Only a trial that ran to the end has an exported model to promote.
         if finished and score is not None and (best is None or sign * score > sign * best["score"]):
             best = {"score": score, "params": params, "row": row}
@@ -301,6 +303,25 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         p.write_text(dump_config(best_cfg))
         tracking.log_artifact(parent, p)
     return out
+
+
+def _end_trial_run(row: dict[str, Any], error: BaseException | None, space: SpaceFile) -> None:
+    """Give a trial's MLflow run its real end: a trial the scheduler stopped, or one that failed,
+    never reached the end of its training, which ends the runs of finished trials."""
+    from pipelines import tracking
+
+    if not row["mlflow_run_id"] or row["status"] == "DONE":
+        return
+    if row["status"] == "ERROR":
+        tracking.end_if_running(row["mlflow_run_id"], "FAILED", tracking.failure_note(error))
+        return
+    # Without a scheduler, only an interrupted sweep leaves a trial unfinished (a resume goes on).
+    who = "by the ASHA scheduler" if space.scheduler.type == "asha" else "when the sweep ended"
+    score = row.get("best_" + space.metric)
+    tracking.end_if_running(
+        row["mlflow_run_id"], "KILLED",
+        f"Stopped {who} after epoch {row['epochs']} (best {space.metric} {score}).",
+    )
 
 
 def _find_child_run(experiment: str, parent: str, params: dict[str, Any]) -> str | None:

@@ -246,13 +246,30 @@ def set_terminated(run_id: str, status: str = "FINISHED", note: str | None = Non
     client.set_terminated(run_id, status=status)
 
 
+def end_if_running(run_id: str, status: str, note: str | None = None) -> bool:
+    """End the run with ``status`` if it is still ``RUNNING`` (its process died, or was stopped,
+    before it could end it); returns whether it did."""
+    if _client().get_run(run_id).info.status != "RUNNING":
+        return False
+    set_terminated(run_id, status, note)
+    return True
+
+
 def end_open_run(experiment: str, run_key: str, status: str, note: str | None = None) -> str | None:
-    """End the run keyed ``run_key`` with ``status`` if it is still ``RUNNING`` (its process died
-    or was stopped before it could end it); returns its id, or None when there is none."""
+    """:func:`end_if_running` for the run keyed ``run_key``; returns its id, or None when there is none."""
     run_id = find_run(experiment, run_key)
-    if run_id is not None and _client().get_run(run_id).info.status == "RUNNING":
-        set_terminated(run_id, status, note)
+    if run_id is not None:
+        end_if_running(run_id, status, note)
     return run_id
+
+
+def failure_note(error: BaseException, limit: int = 2000) -> str:
+    """A run description line for ``error``: its type and message, the middle cut when long
+    (Ray's messages carry the worker's traceback, whose end names the cause)."""
+    text = f"{type(error).__name__}: {error}".strip()
+    if len(text) > limit:
+        text = text[: limit // 5] + "\n[...]\n" + text[-(limit - limit // 5) :]
+    return f"Failed: {text}"
 
 
 def ui_url(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None,

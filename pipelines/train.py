@@ -80,6 +80,19 @@ def fit(
     return trainer.fit()
 
 
+def end_failed_run(job: WorkerJob, error: BaseException) -> None:
+    """Mark the training's MLflow run FAILED with the error in its description, if a worker
+    opened it and could not end it (an exception, a killed process); never masks ``error``."""
+    if not job.tracking_uri:
+        return
+    from pipelines import tracking
+
+    try:
+        tracking.end_open_run(job.cfg.tracking.experiment, job.run_name, "FAILED", tracking.failure_note(error))
+    except Exception as e:  # the training's own error is the one to raise
+        print(f"[tpr] warning: could not mark MLflow run {job.run_name!r} failed: {e}", flush=True)
+
+
 def train(
     cfg: ExperimentConfig,
     runs_dir: str | Path = "runs",
@@ -99,6 +112,8 @@ def train(
     with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
         job = replace(job, tracking_uri=uri)
         result = fit(paths, job, train_fn=train_fn)
+        if result.error is not None:
+            end_failed_run(job, result.error)
     if result.error is not None:
         raise result.error
     metrics = json.loads(read_text(job.result_path))
