@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.job import WorkerJob
-from pipelines.setup import init_ray, run_paths
+from pipelines.setup import git_commit, init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
 from pipelines.storage import exists, is_uri, local_dir
 from pipelines.tracking import BEST_TRIAL_TAG
@@ -60,20 +60,24 @@ def _trial_key(trial_id: str) -> str:
 
 
 def trial_job(
-    job: WorkerJob, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None, params: dict[str, Any]
+    job: WorkerJob, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None, params: dict[str, Any],
+    source_tags: dict[str, str] | None = None,
 ) -> WorkerJob:
     """A trial's job: the one ``prepare_run`` built for the trial, a child of the sweep's MLflow
-    run, tagged with the sweep's name and the trial's params."""
+    run, tagged with the sweep's name, the trial's params and MLflow's source tags of the sweep's
+    driver (``source_tags``: a trial runs in a Ray worker)."""
     return replace(
         job,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        extra_tags={"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)},
+        extra_tags={**(source_tags or {}), "tpr.sweep": sweep_name,
+                    "tpr.trial_params": json.dumps(params, sort_keys=True)},  # fmt: skip
     )
 
 
 def _make_trainable(
     base: ExperimentConfig, runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None,
+    source_tags: dict[str, str] | None = None,
 ):
     """The Tune function trainable, with the driver resources of a trial (closes over the
     base config and plain values, so it pickles)."""
@@ -88,7 +92,7 @@ def _make_trainable(
         paths, job = prepare_run(trial_config(base, params), runs_dir, name)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params)
+        job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params, source_tags)
         result = fit(paths, job, callbacks=[TuneReportCallback()])
         if result.error is not None:
             end_failed_run(job, result.error)
@@ -129,9 +133,10 @@ def sweep(
 
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
     with tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
-        parent = _start_parent(cfg, space, space_path, name, n)
+        source_tags = tracking.context_tags(git_commit())
+        parent = _start_parent(cfg, space, space_path, name, n, source_tags)
         trial_runs_dir = str(runs_dir if is_uri(runs_dir) else paths.runs_dir)
-        trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri)
+        trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri, source_tags)
         if resume:
             tuner = _restored_tuner(exp_dir, trainable)
         else:
@@ -144,15 +149,22 @@ def sweep(
     return summary
 
 
-def _start_parent(cfg: ExperimentConfig, space: SpaceFile, space_path: str | Path, name: str, samples: int) -> str:
+def _start_parent(
+    cfg: ExperimentConfig, space: SpaceFile, space_path: str | Path, name: str, samples: int,
+    source_tags: dict[str, str],
+) -> str:
     """Start (or find again, on a resume) the sweep's parent MLflow run and log the space and
     the base config; returns its id."""
     from pipelines import tracking
 
     parent = tracking.start_or_resume_run(
         cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
-        tags={"tpr.kind": "sweep", "method": cfg.method},
+        tags={**source_tags, "tpr.kind": "sweep", "method": cfg.method},
     )
+    tracking.describe(parent, (
+        f"Sweep {name}: {samples} {cfg.method.upper()} trials from {space_path}, {space.search} search, "
+        f"scheduler {space.scheduler.type}, optimising {space.metric} ({space.mode}). Each trial is a child run."
+    ))
     tracking.log_params_flat(parent, {
         "space.file": str(space_path), "space.metric": space.metric, "space.mode": space.mode,
         "space.search": space.search, "space.samples": samples,

@@ -103,6 +103,7 @@ def train(
 
     ``train_fn``: what every worker runs (see :func:`fit`).
     """
+    from pipelines import tracking
     from pipelines.storage import read_text
     from pipelines.tracking_server import tracking_server
 
@@ -110,7 +111,8 @@ def train(
     paths, job = prepare_run(cfg, runs_dir, name)
     # Ray starts while the MLflow server boots; the workers get the URI from their job.
     with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
-        job = replace(job, tracking_uri=uri)
+        # The workers run Ray's entry point: MLflow's source tags are this process's.
+        job = replace(job, tracking_uri=uri, extra_tags={**tracking.context_tags(job.git_commit), **job.extra_tags})
         result = fit(paths, job, train_fn=train_fn)
         if result.error is not None:
             end_failed_run(job, result.error)

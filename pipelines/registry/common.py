@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_ARTIFACT_PATH = "model"  # a training run's exported model folder: runs:/<run_id>/model
-SERVING_MODEL_NAME = "retrieval_model"  # name of the logged pyfunc inside a registration run
+# A training run's exported model folder: the name of its logged model (older runs: the
+# artifact folder runs:/<run_id>/model).
+MODEL_ARTIFACT_PATH = "model"
+SERVING_MODEL_NAME = "retrieval_model"  # the retrieval pyfunc a promotion logs from the training run
 SERVING_FILE = Path(__file__).parent.parent / "serving_model.py"  # the pyfunc, from code
 
 CHAMPION = "champion"

@@ -113,23 +113,48 @@ def test_equal_is_kept(history):
 
 
 def test_decision_written_on_version(history, runs):
+    """A few tags (the weights' hash, where it comes from, the decision); the numbers of both
+    sides in the description."""
+    from pipelines.registry.common import WEIGHTS_TAG
+
     client = mlflow.MlflowClient()
     res, _ = history["worse"]
     mv = client.get_model_version("gate", res.version)
     tags = mv.tags
+    assert set(tags) == {WEIGHTS_TAG, "tpr.source_run_id", "tpr.method", "tpr.dataset_manifest_hash",
+                         "tpr.decision", "tpr.decision_reason", "tpr.compared_with"}  # fmt: skip
     assert tags["tpr.decision"] == "kept"
     assert tags["tpr.source_run_id"] == runs["untrained"]
     assert tags["tpr.method"] == "irra"
     assert tags["tpr.dataset_manifest_hash"] == "fixture"
-    assert tags["tpr.git_commit"] == "0" * 40
     assert tags["tpr.compared_with"] == "3"
-    assert float(tags["tpr.challenger.R1"]) == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
-    assert float(tags["tpr.champion.R1"]) == pytest.approx(res.champion_metrics["R1"], abs=1e-4)
-    assert "tpr.metric.val/R1" in tags
     assert mv.description.startswith("Decision: kept")
-    assert "Champion v3" in mv.description
+    assert f"Challenger v{res.version}: R1 {res.challenger_metrics['R1']:.2f}" in mv.description
+    assert f"Champion v3: R1 {res.champion_metrics['R1']:.2f}" in mv.description
+    assert f"Trained by run {runs['untrained']} (code {'0' * 40}" in mv.description
     promoted = client.get_model_version("gate", "3")
     assert promoted.tags["tpr.promoted_over"] == "1"
+    assert "champion (what is served)" in client.get_registered_model("gate").description
+
+
+def test_version_comes_from_the_training_run(history, runs):
+    """The version registers a retrieval pyfunc logged from the training run itself (no run of
+    its own), which carries the gate's evaluation; the training run keeps its status."""
+    client = mlflow.MlflowClient()
+    res, _ = history["better"]
+    mv = client.get_model_version("gate", res.version)
+    assert mv.run_id == runs["trained"] and mv.source.startswith("models:/m-")
+    model_id = mv.source.removeprefix("models:/")
+    served = client.get_logged_model(model_id)
+    assert served.name == registry.SERVING_MODEL_NAME and served.source_run_id == runs["trained"]
+    gate = {m.key: m for m in served.metrics}
+    assert gate["gate/val/R1"].value == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
+    assert (gate["gate/val/R1"].dataset_name, gate["gate/val/R1"].run_id) == ("synthetic", runs["trained"])
+    run = client.get_run(runs["trained"])
+    assert run.info.status == "FINISHED"
+    assert model_id in {o.model_id for o in run.outputs.model_outputs}
+    exp = run.info.experiment_id
+    assert not client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{runs['trained']}'")
 
 
 def test_registered_model_reproduces_run_metrics(history):
