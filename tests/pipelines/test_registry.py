@@ -157,6 +157,46 @@ def test_version_comes_from_the_training_run(history, runs):
     assert not client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{runs['trained']}'")
 
 
+def _png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_the_mlflow_ui_shows_experiment_training_run_and_registered_model(history, runs, server, tmp_path):
+    """scripts/mlflow_screenshots.py in headless Chromium against the store of this module: the
+    experiment opens on its runs table (both training runs, their dataset), the training run
+    page shows its dataset, description, logged models and version, the registered model page its
+    description, aliases and the gate's decision."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("neither chromium nor chromium-browser is on PATH: the UI screenshots need one")
+    client = mlflow.MlflowClient()
+    trained = client.get_run(runs["trained"])
+    ds = trained.inputs.dataset_inputs[0].dataset
+    done = subprocess.run(
+        [sys.executable, str(fx.REPO / "scripts/mlflow_screenshots.py"), "--tracking-uri", server,
+         "--run-id", runs["trained"], "--model", "gate", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=fx.REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    pages = {}
+    for name in ("experiment", "training_run", "registered_model"):
+        assert _png_size(tmp_path / f"{name}.png") == (1800, 1300)
+        pages[name] = (tmp_path / f"{name}.html").read_text()
+    assert all(n in pages["experiment"] for n in ("train-trained", "train-untrained", ds.name, "Model training"))
+    run_page = pages["training_run"]
+    assert all(n in run_page for n in ("train-trained", f"{ds.name} ({ds.digest})", "Finished", "gate"))
+    models = {o.model_id for o in trained.outputs.model_outputs}
+    assert any(m in run_page for m in models)
+    model_page = pages["registered_model"]
+    assert "champion (what is served)" in model_page and "@&nbsp;champion" in model_page
+    assert "Decision: promoted" in model_page
+
+
 def test_registered_model_reproduces_run_metrics(history):
     """The version's re-evaluation on the run's split equals the metrics the run logged."""
     res, _ = history["better"]
