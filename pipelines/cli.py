@@ -162,6 +162,11 @@ from pipelines import registry_cli  # noqa: E402  (adds promote, rollback, evalu
 
 registry_cli.register(app)
 
+from pipelines import import_cli, index_cli  # noqa: E402  (adds import, index)
+
+import_cli.register(app)
+index_cli.register(app)
+
 
 def main() -> None:  # pragma: no cover
     try:

@@ -187,10 +187,11 @@ def evaluate_cmd(
 
 
 def search_cmd(
-    text: Annotated[str, typer.Argument(help="Description of the person to find.")],
+    text: Annotated[str | None, typer.Argument(help="Description of the person to find.")] = None,
     model: Annotated[
-        str, typer.Option("--model", help="models:/NAME@champion (or any retrieval model URI).")
-    ],
+        str | None,
+        typer.Option("--model", help="models:/NAME@champion (or any retrieval model URI; with --index also a folder)."),
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Images to return.")] = 10,
     out: Annotated[Path | None, typer.Option("--out", help="Write the retrieval grid here (PNG).")] = None,
     data: Annotated[
@@ -199,13 +200,33 @@ def search_cmd(
     person: Annotated[
         int | None, typer.Option("--person", help="Dataset person id the text describes (colours the grid).")
     ] = None,
+    index: Annotated[
+        str | None, typer.Option("--index", help="Search this index (tpr index) instead of the model's gallery.")
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Query by this image instead of a text (needs --index).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
     runs_dir: RunsDir = "runs",
 ) -> None:
-    """Rank the model's gallery for a text query: prints image ids, paths and scores."""
+    """Rank the model's gallery (or an index) for a text or an image: prints paths and scores."""
+    from pipelines.index_cli import print_hits, search_index_cmd
     from pipelines.registry import search
 
+    if fmt not in ("table", "json"):
+        fail(f"--format {fmt!r} is unknown; expected table or json")
+    if index is not None or image is not None:
+        if index is None:
+            fail("--image needs --index INDEX (an index of images or captions made by tpr index)")
+        if out is not None:
+            fail("--out draws the model's gallery; it does not combine with --index")
+        return search_index_cmd(text, image, index, model, top_k, fmt, runs_dir)
+    if text is None or model is None:
+        fail("give a TEXT and --model (or --index INDEX)")
     with _mlflow(runs_dir):
         hits = search(text, model, top_k=top_k, out=out, data_root=data, person=person)
+    if fmt == "json":
+        return print_hits(hits.rows, "", fmt)
     table = Table(title=f"{model}: {text}")
     for col in ("rank", "image_id", "image_path", "person", "score"):
         table.add_column(col, justify="left" if col == "image_path" else "right")

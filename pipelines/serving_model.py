@@ -11,9 +11,18 @@ Artifacts (``context.artifacts``)
                  ``orig_id`` int64 (the dataset's person id), ``embedding``
                  fixed_size_list<float32>[D] (L2-normalised image feature).
 
+Model config (``model_config`` when logging or loading)
+    ``index_uri``  an index made by ``tpr index`` (local path or fs URI) ranked instead of the
+                 gallery when a request names none.
+
 Input
     A DataFrame with a ``text`` column (one query per row), or a plain list of strings; params
-    ``{"top_k": int}`` (default 10, capped at the gallery size). Every query must be a string
+    ``{"top_k": int, "index_uri": str}`` (``top_k`` default 10, capped at the gallery size;
+    ``index_uri`` default the model config's, else none: the gallery). An index must be one of
+    images made by this model's weights (``tpr_core.index``), or the request is refused naming
+    both models; its rows have no gallery ids, so ``image_ids`` and ``orig_ids`` are -1 unless
+    it was made from a prepared dataset. The server reads any index path a request names that
+    its process can read: serve on a trusted network. Every query must be a string
     with visible characters (``None``, bytes, numbers, lists and blank or invisible-only texts
     are refused, naming the row). A query is cut to ``MAX_QUERY_CHARS_PER_TOKEN`` characters per
     token of the model's text length before tokenizing: more can never reach the encoder, and a
@@ -92,6 +101,32 @@ class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
         self._orig_ids = table.column("orig_id").to_numpy()
         meta = (table.schema.metadata or {}).get(b"tpr.gallery")
         self.gallery_info = json.loads(meta) if meta else {}
+        config = getattr(context, "model_config", None) or {}
+        self._default_index = str(config.get("index_uri") or "") or None
+        self._indexes: dict[str, tuple[tuple[Any, ...], Any]] = {}
+
+    def _index(self, uri: str) -> Any:
+        """The index at ``uri``, checked against the served weights; read again when it changed."""
+        from tpr_core.index import (
+            ImageIndexError,
+            check_same_model,
+            load_index,
+            read_index_meta,
+            weights_digest,
+        )
+
+        meta = read_index_meta(uri)
+        stamp = (meta.get("updated"), meta.get("rows"), meta.get("weights_sha256"))
+        cached = self._indexes.get(uri)
+        if cached is None or cached[0] != stamp:
+            index = load_index(uri)
+            check_same_model(index.meta, uri, "the served model", weights_digest(self._exported))
+            if index.kind != "image":
+                raise ImageIndexError(f"index {uri} holds captions; text queries need an index of images")
+            if len(self._indexes) >= 4:  # a few indexes stay loaded; requests alternating more reload
+                self._indexes.pop(next(iter(self._indexes)))
+            cached = self._indexes[uri] = (stamp, index)
+        return cached[1]
 
     @property
     def cfg(self) -> Any:
@@ -107,40 +142,44 @@ class TPRRetrievalModel(mlflow.pyfunc.PythonModel):
             context: MLflow's model context (unused after loading).
             model_input: DataFrame with a ``text`` column, or a list of strings (see the module
                 docstring for what a query must be).
-            params: ``{"top_k": int}``.
+            params: ``{"top_k": int, "index_uri": str}``.
 
         Returns:
             One row per query: ``text``, ``image_ids``, ``image_paths``, ``orig_ids``, ``scores``.
         """
         import torch
-        import torch.nn.functional as F
 
-        model, tok, cfg = self._exported.model, self._exported.tokenizer, self._exported.cfg
-        texts = query_texts(model_input, cfg.model.text_length * MAX_QUERY_CHARS_PER_TOKEN)
+        from tpr_core.index import embed_texts
+        from tpr_core.index import top_k as rank
+
+        texts = query_texts(model_input, self.cfg.model.text_length * MAX_QUERY_CHARS_PER_TOKEN)
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         if top_k < 1:
             raise ValueError(f"param top_k must be >= 1, got {top_k}")
-        k = min(top_k, self._gallery.shape[0])
-        feats = []
-        with torch.no_grad():
-            for s in range(0, len(texts), _TEXT_BATCH):
-                ids, mask = tok.encode(texts[s : s + _TEXT_BATCH], cfg.model.text_length)  # (B, L)
-                feats.append(model.encode_text(ids, mask).float())  # (B, D)
+        index_uri = str((params or {}).get("index_uri") or "") or self._default_index
+        if index_uri:
+            index = self._index(index_uri)
+            n = len(index)
+            gallery, paths = index.embeddings, index.paths
+            image_ids = index.image_ids if index.image_ids is not None else np.full(n, -1, dtype=np.int64)
+            orig_ids = index.persons if index.persons is not None else np.full(n, -1, dtype=np.int64)
+        else:
+            gallery, paths, image_ids, orig_ids = self._gallery, self._image_paths, self._image_ids, self._orig_ids
         rows = []
         if texts:
-            q = F.normalize(torch.cat(feats), dim=1)  # (Q, D)
-            scores = q @ self._gallery.t()  # (Q, G)
-            # Stable sort on -score: equal scores keep gallery order (lower index first).
-            order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # (Q, k)
-            top = torch.gather(scores, 1, order)
+            q = torch.cat(
+                [embed_texts(self._exported, texts[s : s + _TEXT_BATCH]) for s in range(0, len(texts), _TEXT_BATCH)]
+            )  # (Q, D), L2-normalised
+            # Equal scores keep gallery order (lower index first).
+            order, top = rank(q, gallery, top_k)  # (Q, k)
             for i, text in enumerate(texts):
                 idx = order[i].numpy()
                 rows.append(
                     {
                         "text": text,
-                        "image_ids": [int(x) for x in self._image_ids[idx]],
-                        "image_paths": [str(x) for x in self._image_paths[idx]],
-                        "orig_ids": [int(x) for x in self._orig_ids[idx]],
+                        "image_ids": [int(x) for x in image_ids[idx]],
+                        "image_paths": [str(x) for x in paths[idx]],
+                        "orig_ids": [int(x) for x in orig_ids[idx]],
                         "scores": [float(x) for x in top[i].tolist()],
                     }
                 )

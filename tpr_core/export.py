@@ -1,19 +1,26 @@
 """The consolidated model folder: everything needed to rebuild a trained model, nothing pickled.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     <out_dir>/
         model.safetensors   the full state dict (CPU, contiguous; safetensors, never pickle)
+        config.json         what ``from_pretrained`` reads: {"model_type": "tpr", "method",
+                            "num_classes", "vocab_size", "format_version"} (``tpr_core.hub``)
         config.yaml         the resolved ExperimentConfig (``tpr_core.config.dump_config``)
-        tokenizer/          ``Tokenizer.save`` output (tokenizer.json + tpr_tokenizer.json)
+        tokenizer.json      ``Tokenizer.save_for_transformers`` output: also tpr_tokenizer.json,
+                            tokenizer_config.json and special_tokens_map.json, so
+                            ``PreTrainedTokenizerFast.from_pretrained(<out_dir>)`` loads it
         clip/config.json    only for a dual-encoder model (irra, fmfa, uit) started from
                             ``model.pretrained``: that CLIP's config (its tower sizes), so
                             loading needs no CLIP directory. An ivt model's sizes come from
                             its preset, so it keeps nothing of its ViT / BERT checkpoints
         metrics.json        metrics of the exported weights, e.g. {"val/R1": 41.2, ...}
-        export.json         {"format": "tpr-export", "format_version": 1, "method", "num_classes",
+        export.json         {"format": "tpr-export", "format_version": 2, "method", "num_classes",
                              "dataset_manifest_hash", "weights_sha256", "num_tensors",
                              "num_parameters", "created", "extra": {...}}
+
+Format version 1 (written before) had no config.json and kept the tokenizer in ``tokenizer/``;
+it still loads.
 
 ``extra`` is free-form JSON given by the writer; keys the pipelines read are
 ``dataset_manifest_hash`` (or ``manifest_hash``; copied to the top level), ``git_commit``
@@ -46,9 +53,10 @@ from tpr_core.config import ExperimentConfig, dump_config, read_yaml
 from tpr_core.experiment import config_from_dict
 
 FORMAT_NAME = "tpr-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+HUB_CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 CLIP_CONFIG_DIR = "clip"
 METRICS_FILE = "metrics.json"
@@ -70,6 +78,7 @@ class Exported:
         metrics: ``metrics.json``.
         info: ``export.json``.
         path: the folder it was read from.
+        clip_config: ``clip/config.json`` when the folder has one (a dual encoder's CLIP sizes).
     """
 
     model: nn.Module
@@ -78,6 +87,7 @@ class Exported:
     metrics: dict[str, float]
     info: dict[str, Any]
     path: Path
+    clip_config: dict[str, Any] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +126,7 @@ def save_exported(
     metrics: dict[str, float],
     num_classes: int,
     extra: dict[str, Any] | None = None,
+    clip_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a consolidated model folder atomically (temporary sibling, then rename).
 
@@ -129,6 +140,8 @@ def save_exported(
         metrics: Metrics of these weights (e.g. ``{"val/R1": 41.2}``); JSON numbers.
         num_classes: Identity-classifier size (number of training identities).
         extra: Free-form JSON metadata (``dataset_manifest_hash``, ``git_commit``, ...).
+        clip_config: the CLIP config of a dual encoder, written as ``clip/config.json`` instead of
+            the one in ``model.pretrained`` (an imported checkpoint has no CLIP directory).
 
     Returns:
         ``out_dir`` as a Path.
@@ -146,8 +159,14 @@ def save_exported(
         tensors = _cpu_tensors(state_dict)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "method": cfg.method})
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
-        tokenizer.save(tmp / TOKENIZER_DIR)
-        if cfg.model.pretrained is not None and method_spec(cfg.method).encoder == "dual":
+        tokenizer.save_for_transformers(tmp)
+        hub = {"model_type": "tpr", "format_version": FORMAT_VERSION, "method": cfg.method,
+               "num_classes": int(num_classes), "vocab_size": int(tokenizer.vocab_size)}  # fmt: skip
+        (tmp / HUB_CONFIG_FILE).write_text(json.dumps(hub, indent=2) + "\n")
+        if clip_config is not None:
+            (tmp / CLIP_CONFIG_DIR).mkdir()
+            (tmp / CLIP_CONFIG_DIR / "config.json").write_text(json.dumps(clip_config, indent=2) + "\n")
+        elif cfg.model.pretrained is not None and method_spec(cfg.method).encoder == "dual":
             # The tower sizes of a model started from CLIP weights come from that CLIP's
             # config: keep it, so the folder loads without the original CLIP directory.
             (tmp / CLIP_CONFIG_DIR).mkdir()
@@ -192,7 +211,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
     if info.get("format") != FORMAT_NAME:
         raise ExportError(f"{p}: field 'format' is {info.get('format')!r}, expected {FORMAT_NAME!r}")
     version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ExportError(
             f"{p}: field 'format_version' is {version!r}; this tpr reads up to {FORMAT_VERSION}"
         )
@@ -243,7 +262,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         raise ExportError(f"{weights}: SHA-256 differs from field 'weights_sha256' of {root / INFO_FILE}")
     metrics_path = root / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
+    # Format 1 kept the tokenizer in its own folder; format 2 at the top, for transformers.
+    tokenizer = Tokenizer.load(root / TOKENIZER_DIR if info["format_version"] < 2 else root)
+    clip_file = root / CLIP_CONFIG_DIR / "config.json"
+    clip_config = json.loads(clip_file.read_text()) if clip_file.is_file() else None
 
     saved_cfg, skeleton = cfg, contextlib.nullcontext()
     if method_spec(cfg.method).encoder == "shared":
@@ -277,4 +299,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
             f"unexpected keys {result.unexpected_keys[:5]}"
         )
     model.to(device).eval()
-    return Exported(model=model, tokenizer=tokenizer, cfg=saved_cfg, metrics=metrics, info=info, path=root)
+    return Exported(
+        model=model, tokenizer=tokenizer, cfg=saved_cfg, metrics=metrics, info=info, path=root, clip_config=clip_config
+    )

@@ -214,7 +214,7 @@ def _signature_and_example():
             }
         ]
     )
-    return infer_signature(example, output, params={"top_k": 10}), example
+    return infer_signature(example, output, params={"top_k": 10, "index_uri": ""}), example
 
 
 def log_registered_model(

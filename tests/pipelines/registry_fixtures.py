@@ -174,3 +174,23 @@ def describe_identity(orig_id: int, seed: int = 12345) -> str:
 
     attrs = json.loads((Path(dataset()["raw"]) / "attributes.json").read_text())[str(orig_id)]
     return describe(attrs, np.random.default_rng(seed + orig_id))
+
+
+@functools.cache
+def val_images() -> tuple[str, dict[str, int]]:
+    """The val split's 18 images as plain files under one folder (at their dataset paths), and
+    the person (``orig_id``) of each path: a folder of "your own images" for ``tpr index``."""
+    from tpr_core.data.dataset import load_split
+    from tpr_core.data.store import load_split_table
+
+    root = dataset()["root"]
+    data = load_split(root, SPLIT)
+    t = load_split_table(root, SPLIT, columns=["image_path", "orig_id"])
+    person = dict(zip(t.column("image_path").to_pylist(), t.column("orig_id").to_pylist(), strict=True))
+    folder = _CACHE / "val-images"
+    first_row = np.searchsorted(data.image_rows, np.arange(data.num_images))
+    for u in range(data.num_images):
+        file = folder / data.image_path(int(first_row[u]))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(data.image_bytes(u))
+    return str(folder), {p: int(o) for p, o in person.items()}

@@ -45,6 +45,17 @@ def pyfunc(champion):
     return mlflow.pyfunc.load_model(URI)
 
 
+@pytest.fixture(scope="module")
+def val_index(tmp_path_factory) -> str:
+    """An index (``tpr_core.index``) of the val images as a plain folder, by the champion's weights."""
+    from tpr_core.export import load_exported
+    from tpr_core.index import build_index
+
+    out = tmp_path_factory.mktemp("index") / "val"
+    build_index(load_exported(fx.exported_model("trained")), "trained", fx.val_images()[0], out)
+    return str(out)
+
+
 def _val_people() -> list[int]:
     from tpr_core.data.store import load_split_table
 
@@ -129,13 +140,34 @@ def test_search_cli(champion, tmp_path):
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_request_or_the_model_config_names_an_index_instead_of_the_gallery(champion, pyfunc, val_index, tmp_path):
+    """``index_uri`` in the request params (or the model config) ranks that index: the same
+    images by the same weights give the gallery's ranking and scores, without gallery ids; an
+    index of other weights is refused naming both models (#21)."""
+    from tpr_core.export import load_exported
+    from tpr_core.index import build_index
+
+    texts = pd.DataFrame({"text": [fx.describe_identity(p) for p in _val_people()[:3]]})
+    gallery = pyfunc.predict(texts, params={"top_k": 4})
+    indexed = pyfunc.predict(texts, params={"top_k": 4, "index_uri": val_index})
+    assert indexed["image_paths"].tolist() == gallery["image_paths"].tolist()
+    np.testing.assert_allclose(np.array(indexed["scores"].tolist()), np.array(gallery["scores"].tolist()), atol=1e-5)
+    assert indexed["image_ids"].tolist() == [[-1] * 4] * 3 and indexed["orig_ids"].tolist() == [[-1] * 4] * 3
+    configured = mlflow.pyfunc.load_model(URI, model_config={"index_uri": val_index})
+    assert configured.predict(texts, params={"top_k": 4})["image_paths"].tolist() == gallery["image_paths"].tolist()
+    other = tmp_path / "other"
+    build_index(load_exported(fx.exported_model("untrained")), "untrained-model", fx.val_images()[0], other)
+    with pytest.raises(Exception, match="made by model 'untrained-model'.*not by 'the served model'"):
+        pyfunc.predict(texts, params={"index_uri": str(other)})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_over_http(champion, pyfunc, tmp_path):
+def test_mlflow_models_serve_answers_over_http(champion, pyfunc, val_index, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")
     # The scoring server runs `uvicorn` from PATH: the venv's bin must be on it, as when activated.
@@ -173,6 +205,15 @@ def test_mlflow_models_serve_answers_over_http(champion, pyfunc, tmp_path):
         assert pred["image_ids"] == local["image_ids"][0]
         assert pred["image_paths"] == local["image_paths"][0]
         np.testing.assert_allclose(pred["scores"], local["scores"][0], atol=1e-6)
+        # A request can name an index to rank instead of the gallery (#21).
+        body = json.dumps({"dataframe_records": [{"text": text}], "params": {"top_k": 5, "index_uri": val_index}})
+        req = urllib.request.Request(
+            f"{base}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with opener.open(req, timeout=60) as r:
+            (indexed,) = json.loads(r.read())["predictions"]
+        assert indexed["image_paths"] == pred["image_paths"] and indexed["image_ids"] == [-1] * 5
+        np.testing.assert_allclose(indexed["scores"], pred["scores"], atol=1e-5)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -75,8 +75,9 @@ def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
     model = Path(m["model_dir"])
     assert {p.name for p in model.iterdir()} >= {
         "model.safetensors",
+        "config.json",
         "config.yaml",
-        "tokenizer",
+        "tokenizer.json",
         "metrics.json",
     }
     resolved = load_config(model / "config.yaml")

@@ -14,6 +14,10 @@ from tpr_core.experiment import load_config
 from tpr_core.models import build_method, known_methods
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+EXPORT_FILES = [
+    "model.safetensors", "config.json", "config.yaml", "metrics.json", "export.json",
+    "tokenizer.json", "tpr_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+]  # fmt: skip
 CAPTIONS = ["a man in a red coat with a black backpack", "a woman in blue jeans carrying a white bag"] * 8
 
 
@@ -43,7 +47,7 @@ def test_roundtrip_reproduces_weights_and_features(tmp_path, method):
         tmp_path / "m", model.state_dict(), cfg, tok, metrics, 7, extra={"dataset_manifest_hash": "abc123"}
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.safetensors", "config.yaml", "tokenizer", "metrics.json", "export.json"]
+        EXPORT_FILES
     )
     # A differently seeded build proves the weights come from the file, not from the seed.
     torch.manual_seed(123)
@@ -176,7 +180,7 @@ def test_ivt_from_vit_and_bert_loads_without_them(tmp_path):
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight.detach(), vit_qkv)
     out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {"val/R1": 1.0}, 7)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.safetensors", "config.yaml", "tokenizer", "metrics.json", "export.json"]
+        EXPORT_FILES
     )
     shutil.rmtree(ckpts)
     torch.manual_seed(123)
@@ -192,3 +196,45 @@ def test_ivt_from_vit_and_bert_loads_without_them(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), loaded.model.encode_image(images))
         assert torch.equal(model.encode_text(ids, mask), loaded.model.encode_text(ids, mask))
+
+
+def test_from_pretrained_round_trip_and_the_tokenizer_in_transformers(tmp_path):
+    """The folder through huggingface_hub's mixin and transformers' fast tokenizer, and back."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tpr_core.hub import TPRModel
+
+    cfg, tok, model = _make("fmfa")
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {"val/R1": 3.0}, 7)
+    images, ids, mask = _inputs(cfg, tok)
+    hub = TPRModel.from_pretrained(out)
+    assert hub.cfg == cfg and hub.info["num_classes"] == 7
+    with torch.no_grad():
+        want = model.encode_text(ids, mask)
+        assert torch.equal(hub.encode_image(images), model.encode_image(images))
+        assert torch.equal(hub.encode_text(ids, mask), want)
+    hub.save_pretrained(tmp_path / "again")
+    again = TPRModel.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(ids, mask), want)
+    hf = PreTrainedTokenizerFast.from_pretrained(out)
+    for text, row, n in zip(CAPTIONS[:2], ids, mask.sum(1).tolist(), strict=True):
+        assert hf(text)["input_ids"] == row[:n].tolist()  # BOS ... EOS, tpr's ids
+    assert hf.mask_token_id == tok.mask_id and hf.pad_token_id == tok.pad_id
+
+
+def test_a_format_1_folder_still_loads(tmp_path):
+    """The layout written before format 2: tokenizer/ holding the tokenizer, no config.json."""
+    cfg, tok, model = _make("irra")
+    out = export.save_exported(tmp_path / "m", model.state_dict(), cfg, tok, {}, 7)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink()
+    (out / "tpr_tokenizer.json").unlink()
+    tok.save(out / "tokenizer")  # Tokenizer.save wrote format 1's tokenizer folder
+    info = json.loads((out / "export.json").read_text())
+    (out / "export.json").write_text(json.dumps(dict(info, format_version=1)))
+    loaded = export.load_exported(out)
+    assert loaded.info["format_version"] == 1 and loaded.tokenizer.vocab_size == tok.vocab_size
+    images, ids, mask = _inputs(cfg, tok)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(ids, mask), model.encode_text(ids, mask))

@@ -263,6 +263,29 @@ class Tokenizer:
         (d / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return d
 
+    def save_for_transformers(self, directory: str | Path) -> Path:
+        """:meth:`save`, plus what ``transformers.PreTrainedTokenizerFast.from_pretrained`` reads.
+
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` name the special tokens, and
+        ``tokenizer.json`` gets a post-processor that wraps a text in BOS ... EOS, so
+        ``hf(text)["input_ids"]`` equals the ids of :meth:`encode` up to EOS. Truncation there is
+        ``transformers``' own (it may cut EOS); :meth:`encode` keeps EOS on a long caption.
+        """
+        from tokenizers import processors
+
+        d = self.save(directory)
+        backend = _Backend.from_str(self._backend.to_str())
+        bos, eos = self.tokens["bos"], self.tokens["eos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}", special_tokens=[(bos, self.bos_id), (eos, self.eos_id)]
+        )
+        backend.save(str(d / _BACKEND_FILE))
+        special = {f"{role}_token": tok for role, tok in self.tokens.items()}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.max_length, **special}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        return d
+
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         """Read a tokenizer written by :meth:`save`; checks the stored ids against the vocabulary."""
