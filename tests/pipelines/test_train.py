@@ -148,7 +148,7 @@ def _check_z2_logged_model(client, run, cfg, m):
     for mt in linked.values():
         assert (mt.run_id, mt.dataset_name, mt.dataset_digest) == (run_id, ds.name, ds.digest)
     exported = {p.path for p in client.list_logged_model_artifacts(model.model_id)}
-    assert {"model.safetensors", "config.yaml", "tokenizer", "metrics.json"} <= exported
+    assert {"model.safetensors", "config.json", "config.yaml", "tokenizer.json", "metrics.json"} <= exported
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith(f"IRRA trained on {cfg.data.format} data") and f"models:/{model.model_id}" in note
