@@ -31,7 +31,7 @@ from typing import Any
 from pipelines import terminal
 from pipelines.env import scoped_env
 from pipelines.job import WorkerJob
-from pipelines.setup import init_ray, run_paths
+from pipelines.setup import git_commit, init_ray, run_paths
 from pipelines.space import SpaceFile, load_space, trial_config, tune_distributions
 from pipelines.storage import exists, is_uri, local_dir
 from pipelines.tracking import BEST_TRIAL_TAG
@@ -62,20 +62,24 @@ def _trial_key(trial_id: str) -> str:
 
 
 def trial_job(
-    job: WorkerJob, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None, params: dict[str, Any]
+    job: WorkerJob, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None, params: dict[str, Any],
+    source_tags: dict[str, str] | None = None,
 ) -> WorkerJob:
     """A trial's job: the one ``prepare_run`` built for the trial, a child of the sweep's MLflow
-    run, tagged with the sweep's name and the trial's params."""
+    run, tagged with the sweep's name, the trial's params and MLflow's source tags of the sweep's
+    driver (``source_tags``: a trial runs in a Ray worker)."""
     return replace(
         job,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        extra_tags={"tpr.sweep": sweep_name, "tpr.trial_params": json.dumps(params, sort_keys=True)},
+        extra_tags={**(source_tags or {}), "tpr.sweep": sweep_name,
+                    "tpr.trial_params": json.dumps(params, sort_keys=True)},  # fmt: skip
     )
 
 
 def _make_trainable(
     base: ExperimentConfig, runs_dir: str, sweep_name: str, parent_run_id: str | None, tracking_uri: str | None,
+    source_tags: dict[str, str] | None = None,
 ):
     """The Tune function trainable, with the driver resources of a trial (closes over the
     base config and plain values, so it pickles)."""
@@ -84,15 +88,16 @@ def _make_trainable(
     def trial(params: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from pipelines.train import fit, prepare_run
+        from pipelines.train import end_failed_run, fit, prepare_run
 
         name = f"{sweep_name}-t{_trial_key(tune.get_context().get_trial_id())}"
         paths, job = prepare_run(trial_config(base, params), runs_dir, name)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params)
+        job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params, source_tags)
         result = fit(paths, job, callbacks=[TuneReportCallback()])
         if result.error is not None:
+            end_failed_run(job, result.error)
             raise result.error
 
     return tune.with_resources(trial, TRIAL_DRIVER_RESOURCES)
@@ -130,9 +135,10 @@ def sweep(
 
     # Ray starts while the MLflow server boots; trials get the URI from the trainable's closure.
     with tracking_server(paths.runs_dir, while_starting=init_ray) as tracking_uri:
-        parent = _start_parent(cfg, space, space_path, name, n)
+        source_tags = tracking.context_tags(git_commit())
+        parent = _start_parent(cfg, space, space_path, name, n, source_tags)
         trial_runs_dir = str(runs_dir if is_uri(runs_dir) else paths.runs_dir)
-        trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri)
+        trainable = _make_trainable(cfg, trial_runs_dir, name, parent, tracking_uri, source_tags)
         if resume:
             tuner = _restored_tuner(exp_dir, trainable)
         else:
@@ -148,15 +154,22 @@ def sweep(
     return summary
 
 
-def _start_parent(cfg: ExperimentConfig, space: SpaceFile, space_path: str | Path, name: str, samples: int) -> str:
+def _start_parent(
+    cfg: ExperimentConfig, space: SpaceFile, space_path: str | Path, name: str, samples: int,
+    source_tags: dict[str, str],
+) -> str:
     """Start (or find again, on a resume) the sweep's parent MLflow run and log the space and
     the base config; returns its id."""
     from pipelines import tracking
 
     parent = tracking.start_or_resume_run(
         cfg.tracking.experiment, run_key=SWEEP_KEY_PREFIX + name, run_name=name,
-        tags={"tpr.kind": "sweep", "method": cfg.method},
+        tags={**source_tags, "tpr.kind": "sweep", "method": cfg.method},
     )
+    tracking.describe(parent, (
+        f"Sweep {name}: {samples} {cfg.method.upper()} trials from {space_path}, {space.search} search, "
+        f"scheduler {space.scheduler.type}, optimising {space.metric} ({space.mode}). Each trial is a child run."
+    ))
     tracking.log_params_flat(parent, {
         "space.file": str(space_path), "space.metric": space.metric, "space.mode": space.mode,
         "space.search": space.search, "space.samples": samples,
@@ -269,6 +282,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
             **params,
         }
         rows.append(row)
+        _end_trial_run(row, res.error, space)
         # Only a trial that ran to the end has an exported model to promote.
         if finished and score is not None and (best is None or sign * score > sign * best["score"]):
             best = {"score": score, "params": params, "row": row}
@@ -312,6 +326,25 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         p.write_text(dump_config(best_cfg))
         tracking.log_artifact(parent, p)
     return out
+
+
+def _end_trial_run(row: dict[str, Any], error: BaseException | None, space: SpaceFile) -> None:
+    """Give a trial's MLflow run its real end: a trial the scheduler stopped, or one that failed,
+    never reached the end of its training, which ends the runs of finished trials."""
+    from pipelines import tracking
+
+    if not row["mlflow_run_id"] or row["status"] == "DONE":
+        return
+    if row["status"] == "ERROR":
+        tracking.end_if_running(row["mlflow_run_id"], "FAILED", tracking.failure_note(error))
+        return
+    # Without a scheduler, only an interrupted sweep leaves a trial unfinished (a resume goes on).
+    who = "by the ASHA scheduler" if space.scheduler.type == "asha" else "when the sweep ended"
+    score = row.get("best_" + space.metric)
+    tracking.end_if_running(
+        row["mlflow_run_id"], "KILLED",
+        f"Stopped {who} after epoch {row['epochs']} (best {space.metric} {score}).",
+    )
 
 
 def _find_child_run(experiment: str, parent: str, params: dict[str, Any]) -> str | None:

@@ -52,6 +52,8 @@ _SERVER_START_TIMEOUT_S = 180.0
 _SERVER_STOP_GRACE_S = 20.0
 _LOG_TAIL_LINES = 40
 _BIND_ATTEMPTS = 3
+# The default artifact root of `mlflow server --serve-artifacts`: clients upload through the server.
+_PROXIED_ARTIFACT_ROOT = "mlflow-artifacts:/"
 
 
 class TrackingServerError(RuntimeError):
@@ -168,13 +170,17 @@ def _seed_store(db: Path) -> None:
     2-core machine, for every new runs folder (every test, every fresh demo). The empty store
     is made once per machine and MLflow version under ``~/.cache/tpr`` (``TPR_CACHE_DIR``)
     and copied, which takes milliseconds; the server then finds the schema current.
+
+    Its ``Default`` experiment stores artifacts where a fresh server would put them, behind the
+    artifact proxy (``mlflow-artifacts:/0``), never in the cache folder the template was made in.
     """
     if db.exists():
         return
     from importlib import metadata
 
     cache = Path(os.environ.get("TPR_CACHE_DIR", Path.home() / ".cache" / "tpr"))
-    template = cache / f"mlflow-{metadata.version('mlflow')}-empty.db"
+    # "proxied": made with the server's artifact root (templates of older tpr versions were not)
+    template = cache / f"mlflow-{metadata.version('mlflow')}-empty-proxied.db"
     if not template.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = cache / f"{template.name}.tmp-{os.getpid()}"
@@ -185,7 +191,7 @@ def _seed_store(db: Path) -> None:
             "SqlAlchemyStore(sys.argv[1], sys.argv[2]); Registry(sys.argv[1])\n"
         )
         r = subprocess.run(
-            [sys.executable, "-c", code, _sqlite_uri(tmp), str(cache / "empty-artifacts")],
+            [sys.executable, "-c", code, _sqlite_uri(tmp), _PROXIED_ARTIFACT_ROOT],
             capture_output=True, text=True, timeout=900,
         )
         if r.returncode != 0:

@@ -80,6 +80,19 @@ def fit(
     return trainer.fit()
 
 
+def end_failed_run(job: WorkerJob, error: BaseException) -> None:
+    """Mark the training's MLflow run FAILED with the error in its description, if a worker
+    opened it and could not end it (an exception, a killed process); never masks ``error``."""
+    if not job.tracking_uri:
+        return
+    from pipelines import tracking
+
+    try:
+        tracking.end_open_run(job.cfg.tracking.experiment, job.run_name, "FAILED", tracking.failure_note(error))
+    except Exception as e:  # the training's own error is the one to raise
+        print(f"[tpr] warning: could not mark MLflow run {job.run_name!r} failed: {e}", flush=True)
+
+
 def train(
     cfg: ExperimentConfig,
     runs_dir: str | Path = "runs",
@@ -90,6 +103,7 @@ def train(
 
     ``train_fn``: what every worker runs (see :func:`fit`).
     """
+    from pipelines import tracking
     from pipelines.storage import read_text
     from pipelines.tracking_server import tracking_server
 
@@ -97,8 +111,11 @@ def train(
     paths, job = prepare_run(cfg, runs_dir, name)
     # Ray starts while the MLflow server boots; the workers get the URI from their job.
     with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
-        job = replace(job, tracking_uri=uri)
+        # The workers run Ray's entry point: MLflow's source tags are this process's.
+        job = replace(job, tracking_uri=uri, extra_tags={**tracking.context_tags(job.git_commit), **job.extra_tags})
         result = fit(paths, job, train_fn=train_fn)
+        if result.error is not None:
+            end_failed_run(job, result.error)
     if result.error is not None:
         raise result.error
     metrics = json.loads(read_text(job.result_path))

@@ -410,6 +410,11 @@ class TrackingConfig(_Strict):
 
     experiment: str = Field("tpr", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Run name; also the Ray run name (resume key).")
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0.0,
+        description="Seconds between MLflow system metrics samples (CPU, memory, disk, network, GPU) "
+        "of rank 0's node; 0 turns them off.",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -1,9 +1,10 @@
 """The registered model's artifacts: where a version comes from and what it holds.
 
 Conventions the training and sweep code follow
-    - A training run logs its exported model folder (``tpr_core.export``) as the artifact
-      directory ``model/`` of its MLflow run (``runs:/<run_id>/model``), and tags the run
-      ``method``, ``dataset_manifest_hash`` and ``git_commit``.
+    - A training run logs its exported model folder (``tpr_core.export``) as its MLflow logged
+      model named ``model`` (runs logged before logged models: the artifact folder ``model/``,
+      ``runs:/<run_id>/model``), and tags the run ``method``, ``dataset_manifest_hash`` and
+      ``git_commit``.
     - A sweep's parent run carries the tag ``tpr.best_trial_run_id`` naming the MLflow run of
       its best trial (selected on the validation split).
 
@@ -51,23 +52,34 @@ def resolve_source_run(run_id: str | None = None, sweep_run_id: str | None = Non
     return best
 
 
+def best_model_id(run_id: str) -> str | None:
+    """The logged model of a training run's best checkpoint (named ``model``), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.find_logged_model(run_id, MODEL_ARTIFACT_PATH)
+    except MlflowException as e:
+        raise RegistryError(f"cannot look up run {run_id}: {e}") from None
+
+
 def download_run_model(run_id: str, dst: str | Path) -> Path:
-    """Download the exported model folder logged under ``model/`` of a run into ``dst``."""
+    """Download a training run's exported model folder into ``dst``: its logged model ``model``,
+    or (runs logged before tpr logged models) its artifact folder ``model/``."""
     import mlflow
 
     from pipelines.tracking_server import direct_artifact_uri
     from tpr_core.export import INFO_FILE
 
+    model_id = best_model_id(run_id)
+    where = f"logged model {model_id}" if model_id else f"artifact path {MODEL_ARTIFACT_PATH!r}"
     try:
-        uri = direct_artifact_uri(f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+        source = f"models:/{model_id}" if model_id else f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+        local = mlflow.artifacts.download_artifacts(artifact_uri=direct_artifact_uri(source), dst_path=str(dst))
     except Exception as e:
-        raise RegistryError(
-            f"run {run_id} has no exported model under artifact path {MODEL_ARTIFACT_PATH!r}: {e}"
-        ) from None
+        raise RegistryError(f"run {run_id} has no exported model ({where}): {e}") from None
     path = Path(local)
     if not (path / INFO_FILE).is_file():
-        raise RegistryError(f"run {run_id}: artifact {MODEL_ARTIFACT_PATH}/ is not an exported model folder")
+        raise RegistryError(f"run {run_id}: {where} is not an exported model folder")
     return path
 
 
@@ -214,13 +226,15 @@ def log_registered_model(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log the retrieval pyfunc (exported folder + gallery index of ``split``) into an MLflow run.
+    """Log the retrieval pyfunc (exported folder + gallery index of ``split``) as a logged model
+    of an MLflow run, without reopening the run (its status and end time stay as they are).
 
     Args:
         exported_dir: an exported model folder.
         data_root: prepared dataset for the gallery; default the model's ``cfg.data.root``.
         split: gallery split.
-        run_id: log into this (existing) run; otherwise a new run is created in ``experiment``.
+        run_id: the model's source run (the training run); otherwise a new run is created in
+            ``experiment`` and ended.
         experiment: experiment of the new run (default the model's ``cfg.tracking.experiment``).
         run_name: name of the new run.
         tags: tags of the new run.
@@ -229,28 +243,41 @@ def log_registered_model(
         The logged model's URI (``models:/<model_id>``), ready for ``mlflow.register_model``.
     """
     import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
+    import tpr_core
     from tpr_core.export import load_exported
 
     exported = load_exported(exported_dir, device=torch_device())
     root = str(data_root or exported.cfg.data.root)
     signature, example = _signature_and_example()
+    client = mlflow_client()
+    made_run = run_id is None
+    if made_run:
+        exp_id = tracking.get_or_create_experiment(experiment or exported.cfg.tracking.experiment)
+        run_id = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+    run = client.get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="tpr-gallery-") as tmp:
         gallery = build_gallery_index(exported, root, split, Path(tmp) / "gallery.parquet")
-        if run_id is None:
-            exp_id = tracking.get_or_create_experiment(experiment or exported.cfg.tracking.experiment)
-            run_id = mlflow_client().create_run(exp_id, run_name=run_name, tags=dict(tags or {})).info.run_id
-        import tpr_core
-
-        # The fluent run stack is per thread, so concurrent promotions do not mix their runs.
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=SERVING_MODEL_NAME,
-                python_model=str(SERVING_FILE),
-                artifacts={"model": str(exported_dir), "gallery": str(gallery)},
-                code_paths=[str(Path(tpr_core.__file__).parent)],
-                signature=signature,
-                input_example=example,
-                pip_requirements=_pip_requirements(),
-            )
+        # Created first, from the run, so that logging it needs no active run (MLflow's fluent
+        # run stack would reopen and then end the training run).
+        model = mlflow.initialize_logged_model(
+            name=SERVING_MODEL_NAME, source_run_id=run_id, experiment_id=run.info.experiment_id,
+            params=dict(run.data.params), model_type="tpr-retrieval",
+            tags={"tpr.gallery.split": split, "tpr.gallery.data_root": root, "tpr.method": exported.cfg.method},
+        )
+        info = mlflow.pyfunc.log_model(
+            name=SERVING_MODEL_NAME,
+            model_id=model.model_id,
+            python_model=str(SERVING_FILE),
+            artifacts={"model": str(exported_dir), "gallery": str(gallery)},
+            code_paths=[str(Path(tpr_core.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+        )
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if made_run:
+        tracking.set_terminated(run_id, "FINISHED")
     return info.model_uri

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_ARTIFACT_PATH = "model"  # a training run's exported model folder: runs:/<run_id>/model
-SERVING_MODEL_NAME = "retrieval_model"  # name of the logged pyfunc inside a registration run
+# A training run's exported model folder: the name of its logged model (older runs: the
+# artifact folder runs:/<run_id>/model).
+MODEL_ARTIFACT_PATH = "model"
+SERVING_MODEL_NAME = "retrieval_model"  # the retrieval pyfunc a promotion logs from the training run
 SERVING_FILE = Path(__file__).parent.parent / "serving_model.py"  # the pyfunc, from code
 
 CHAMPION = "champion"
@@ -21,6 +23,8 @@ LOCK_SUFFIX = ".promotion-lock"
 # by every load through the registry (a changed artifact is refused, whatever export.json says).
 WEIGHTS_TAG = "tpr.weights_sha256"
 GATE_METRIC = "R1"
+GATE_SPLIT_TAG = "tpr.gate.split"  # the split a version was judged on
+GATE_R1_TAG = "tpr.gate.R1"  # its R@1 there
 
 
 class RegistryError(RuntimeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.registry.common import GATE_METRIC, LOCK_SUFFIX, RegistryError, mlflow_client
+from pipelines.registry.common import GATE_R1_TAG, GATE_SPLIT_TAG, LOCK_SUFFIX, RegistryError, mlflow_client
 
 
 def _aliases_by_version(aliases: dict[str, str] | None) -> dict[str, list[str]]:
@@ -48,12 +48,12 @@ def list_versions(model_name: str) -> list[dict[str, Any]]:
     rows = []
     for mv in client.search_model_versions(f"name='{model_name}'", max_results=10000):
         tags = mv.tags or {}
-        r1 = tags.get(f"tpr.challenger.{GATE_METRIC}")
+        r1 = tags.get(GATE_R1_TAG)
         rows.append({
             "version": int(mv.version),
             "aliases": by_version.get(str(mv.version), []),
             "decision": tags.get("tpr.decision", ""),
-            "split": tags.get("tpr.eval.split", ""),
+            "split": tags.get(GATE_SPLIT_TAG, ""),
             "r1": float(r1) if r1 else None,
             "source_run_id": tags.get("tpr.source_run_id", mv.run_id or ""),
         })  # fmt: skip

@@ -1,19 +1,21 @@
 """Promotion and rollback: a new version becomes champion only when it is better.
 
 Aliases and the gate
-    Each promotion registers a new version (see :mod:`pipelines.registry.artifacts`), logged
-    in a registration run, a child of the source training run. Version tags:
-    ``tpr.source_run_id``, ``tpr.method``, ``tpr.dataset_manifest_hash``, ``tpr.git_commit``,
-    ``tpr.metric.<key>`` (the exported metrics), then the decision (below).
+    Each promotion registers a new version from a retrieval pyfunc logged from the training run
+    itself (see :mod:`pipelines.registry.artifacts`), so the version's source run is the run
+    that trained it; the gate's evaluation is linked to that logged model as ``gate/<split>/<metric>``.
+    Version tags, few on purpose: ``tpr.weights_sha256`` (checked by every load),
+    ``tpr.source_run_id``, ``tpr.method``, ``tpr.dataset_manifest_hash``, then the decision
+    (below); the numbers are in the version's description.
 
     The new version becomes ``challenger``. Challenger and ``champion`` are both evaluated on
     the same split of the same prepared dataset; ``champion`` moves to the challenger only if
     its R@1 exceeds the champion's by more than ``margin`` points (a tie keeps the champion),
     and the replaced champion becomes ``previous-champion``. The first version of a model
-    becomes champion. The decision, both metric sets and the compared version are written on
-    the new version as ``tpr.decision``, ``tpr.challenger.<metric>``, ``tpr.champion.<metric>``,
-    ``tpr.compared_with`` (tags) and in its description. A promoted version also records
-    ``tpr.promoted_over`` (the version it replaced), which is what :func:`rollback` follows.
+    becomes champion. The decision, its reason and the compared version are written on the new
+    version as ``tpr.decision``, ``tpr.decision_reason``, ``tpr.compared_with`` (tags), and with
+    both metric sets in its description. A promoted version also records ``tpr.promoted_over``
+    (the version it replaced), which is what :func:`rollback` follows.
 
     Every alias read and write happens under the :class:`~pipelines.registry.lock.PromotionLock`.
 
@@ -43,6 +45,8 @@ from pipelines.registry.common import (
     EXIT_KEPT,
     EXIT_PROMOTED,
     GATE_METRIC,
+    GATE_R1_TAG,
+    GATE_SPLIT_TAG,
     MODEL_ARTIFACT_PATH,
     PREVIOUS,
     WEIGHTS_TAG,
@@ -164,18 +168,26 @@ class _Challenger:
     Attributes:
         version: its version number.
         source_run_id: the training run it comes from.
-        registration_run_id: the run holding its pyfunc and the gate's numbers.
+        model_id: the retrieval pyfunc logged from that run, which the version registers.
         evaluation: its metrics on the gate's split (with the split's data and root).
         trained_manifest: manifest hash of the dataset it was trained on ("" when unknown).
-        reported_r1: the gate metric the training run reported on the split, if any.
+        reported: the numbers the training exported with the model (val/*, test/*, epoch, ...).
+        git_commit: the code that trained it ("" when unknown).
+        gallery: ``split of root``, the serving gallery.
     """
 
     version: str
     source_run_id: str
-    registration_run_id: str
+    model_id: str
     evaluation: EvalOutcome
     trained_manifest: str
-    reported_r1: float | None
+    reported: dict[str, float]
+    git_commit: str
+    gallery: str
+
+    def reported_r1(self, split: str) -> float | None:
+        """The gate metric the training run reported on ``split``, if any."""
+        return self.reported.get(f"{split}/{GATE_METRIC}")
 
 
 @dataclass
@@ -189,7 +201,7 @@ class _Verdict:
 
 
 def _version_tags(source: str, sweep_run_id: str | None, exported: Any, src_tags: dict) -> dict[str, str]:
-    """The tags a new version carries: where it comes from, and the metrics it was exported with."""
+    """The tags a new version carries: its weights' hash and where it comes from."""
     from tpr_core.export import WEIGHTS_FILE
 
     info_extra = exported.info.get("extra", {}) or {}
@@ -199,24 +211,44 @@ def _version_tags(source: str, sweep_run_id: str | None, exported: Any, src_tags
         or info_extra.get("manifest_hash")
         or ""
     )
-    git = (
-        src_tags.get("git_commit")
-        or src_tags.get("mlflow.source.git.commit")
-        or info_extra.get("git_commit", "")
-    )
     tags = {
         WEIGHTS_TAG: sha256_file(Path(exported.path) / WEIGHTS_FILE),
         "tpr.source_run_id": source,
         "tpr.method": exported.cfg.method,
         "tpr.dataset_manifest_hash": manifest,
-        "tpr.git_commit": git,
     }
     if sweep_run_id:
         tags["tpr.sweep_run_id"] = sweep_run_id
-    for k, v in exported.metrics.items():
-        if isinstance(v, (int, float)):
-            tags[f"tpr.metric.{k}"] = f"{float(v):.4f}"
     return tags
+
+
+def _git_commit(exported: Any, src_tags: dict) -> str:
+    info_extra = exported.info.get("extra", {}) or {}
+    return src_tags.get("git_commit") or src_tags.get("mlflow.source.git.commit") or info_extra.get("git_commit", "")
+
+
+_MODEL_DESCRIPTION = (
+    "Text-based person retrieval: a text query ranks the gallery images by how well they match the "
+    "described person. Each version is a retrieval pyfunc (exported weights, config, tokenizer and a "
+    "gallery index) logged from the training run it comes from by `tpr promote`, which re-evaluates it "
+    "on a frozen split before moving an alias. Aliases: champion (what is served), challenger (the "
+    "latest candidate), previous-champion (what `tpr rollback` restores)."
+)
+
+
+def _describe_model(client: Any, model_name: str) -> None:
+    """Give a registered model without a description the one above."""
+    if not (client.get_registered_model(model_name).description or "").strip():
+        client.update_registered_model(model_name, description=_MODEL_DESCRIPTION)
+
+
+def _gate_dataset(exported: Any, root: str) -> Any:
+    """The gate's evaluation data as an ``mlflow.data`` dataset (named as the training names it)."""
+    from tpr_core.data.store import read_manifest
+
+    manifest = read_manifest(root)
+    name = exported.cfg.data.format if root == str(exported.cfg.data.root) else manifest["source_format"]
+    return tracking.prepared_dataset(root, manifest, name)
 
 
 def _register_challenger(
@@ -228,7 +260,8 @@ def _register_challenger(
     data_root: str | None,
     gallery_split: str,
 ) -> _Challenger:
-    """Evaluate the source run's model on ``split`` and register it as a new version of ``model_name``."""
+    """Evaluate the source run's model on ``split``, log the retrieval pyfunc from the source run
+    (the gate's metrics linked to it) and register it as a new version of ``model_name``."""
     import mlflow
 
     from tpr_core.data.dataset import load_split
@@ -241,75 +274,66 @@ def _register_challenger(
         root = str(data_root or exported.cfg.data.root)
         evaluation = evaluate_exported(exported, root, split, split_data=load_split(root, split))
         version_tags = _version_tags(source, sweep_run_id, exported, src_run.data.tags)
-        # The registration run: a child of the training run, holding the pyfunc and the gate's numbers.
-        reg_run = client.create_run(
-            src_run.info.experiment_id,
-            run_name=f"register-{model_name}",
-            tags={
-                "tpr.source_run_id": source,
-                "tpr.registered_model": model_name,
-                tracking.PARENT_RUN_TAG: source,
-            },
-        ).info.run_id
-        try:
-            uri = log_registered_model(local, root, gallery_split, run_id=reg_run)
-            with mlflow_prints_off():  # "Successfully registered model", "Created version"
-                mv = mlflow.register_model(uri, model_name, tags=version_tags)
-        except BaseException:
-            tracking.set_terminated(reg_run, "FAILED")
-            raise
-    tracking.log_metrics(
-        reg_run, {f"challenger/{split}/{k}": evaluation.metrics[k] for k in REPORTED_METRICS}, step=0
-    )
+        uri = log_registered_model(local, root, gallery_split, run_id=source)
+        model_id = uri.removeprefix("models:/")
+        gate = {f"gate/{split}/{k}": evaluation.metrics[k] for k in REPORTED_METRICS}
+        tracking.link_model_metrics(source, model_id, gate, step=0, dataset=_gate_dataset(exported, root))
+        with mlflow_prints_off():  # "Successfully registered model", "Created version"
+            mv = mlflow.register_model(uri, model_name, tags=version_tags)
+        _describe_model(client, model_name)
     return _Challenger(
         version=str(mv.version),
         source_run_id=source,
-        registration_run_id=reg_run,
+        model_id=model_id,
         evaluation=evaluation,
         trained_manifest=version_tags["tpr.dataset_manifest_hash"],
-        reported_r1=exported.metrics.get(f"{split}/{GATE_METRIC}"),
+        reported={k: float(v) for k, v in exported.metrics.items() if isinstance(v, (int, float))},
+        git_commit=_git_commit(exported, src_run.data.tags),
+        gallery=f"split {gallery_split!r} of {root}",
     )
 
 
-def _decision_tags(ch: _Challenger, verdict: _Verdict, split: str, margin: float) -> dict[str, str]:
-    """The gate's tags on the new version: decision, evaluation data, both metric sets."""
-    ev = ch.evaluation
-    tags = {
+def _decision_tags(verdict: _Verdict, split: str, r1: float) -> dict[str, str]:
+    """The gate's tags on the new version: its decision, why, the champion it was compared with,
+    and the split and R@1 it was judged on (``tpr models`` lists them)."""
+    return {
         "tpr.decision": verdict.decision,
         "tpr.decision_reason": verdict.reason,
-        "tpr.eval.split": split,
-        "tpr.eval.data_root": ev.data_root,
-        "tpr.eval.manifest_hash": ev.manifest_hash or "",
-        "tpr.margin": f"{margin:g}",
         "tpr.compared_with": verdict.compared_with or "",
+        GATE_SPLIT_TAG: split,
+        GATE_R1_TAG: f"{r1:.4f}",
     }
-    tags.update({f"tpr.challenger.{k}": f"{ev.metrics[k]:.4f}" for k in REPORTED_METRICS})
-    if verdict.champion_metrics is not None:
-        tags.update({f"tpr.champion.{k}": f"{verdict.champion_metrics[k]:.4f}" for k in REPORTED_METRICS})
-    return tags
 
 
-def _description(ch: _Challenger, verdict: _Verdict, split: str) -> str:
-    """The new version's description: the decision, both metric sets, and any mismatch worth a look."""
+def _description(ch: _Challenger, verdict: _Verdict, split: str, margin: float) -> str:
+    """The new version's description: the decision, both metric sets, where the version comes
+    from, and any mismatch worth a look."""
     ev = ch.evaluation
     c1 = ev.metrics[GATE_METRIC]
     current = verdict.compared_with
+    trained = ", ".join(
+        f"{k} {ch.reported[k]:.2f}" for k in (f"{s}/{m}" for s in ("val", "test") for m in REPORTED_METRICS)
+        if k in ch.reported
+    )
     lines = [
         f"Decision: {verdict.decision} ({verdict.reason}).",
-        f"Evaluated on split {split!r} of {ev.data_root} (manifest {ev.manifest_hash or 'unknown'}).",
-        f"Challenger v{ch.version} (run {ch.source_run_id}): {_fmt(ev.metrics)}.",
+        f"Evaluated on split {split!r} of {ev.data_root} (manifest {ev.manifest_hash or 'unknown'}), "
+        f"margin {margin:g} R1 points.",
+        f"Challenger v{ch.version}: {_fmt(ev.metrics)}.",
         f"Champion v{current}: {_fmt(verdict.champion_metrics)}."
         if current
         else "No champion before this version.",
+        f"Trained by run {ch.source_run_id} (code {ch.git_commit or 'unknown'}, dataset manifest "
+        f"{ch.trained_manifest or 'unknown'}), which reported {trained or 'no metrics'}.",
+        f"Logged model models:/{ch.model_id}; gallery: {ch.gallery}.",
     ]
     if ch.trained_manifest and ev.manifest_hash and ch.trained_manifest != ev.manifest_hash:
         lines.append(
             f"Note: trained on dataset manifest {ch.trained_manifest}, evaluated on {ev.manifest_hash}."
         )
-    if ch.reported_r1 is not None and abs(float(ch.reported_r1) - c1) > 0.5:
-        lines.append(
-            f"Warning: the run reported {split}/R1 {float(ch.reported_r1):.2f}; re-evaluation gives {c1:.2f}."
-        )
+    reported = ch.reported_r1(split)
+    if reported is not None and abs(float(reported) - c1) > 0.5:
+        lines.append(f"Warning: the run reported {split}/R1 {float(reported):.2f}; re-evaluation gives {c1:.2f}.")
     return "\n".join(lines)
 
 
@@ -334,7 +358,7 @@ def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: s
         current,
     )
     verdict = _Verdict(decision, reason, current, champion_metrics)
-    tags = _decision_tags(ch, verdict, split, margin)
+    tags = _decision_tags(verdict, split, ev.metrics[GATE_METRIC])
     if decision == "promoted":
         if current is not None:
             client.set_registered_model_alias(model_name, PREVIOUS, current)
@@ -342,7 +366,7 @@ def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: s
         client.set_registered_model_alias(model_name, CHAMPION, ch.version)
     for k, v in tags.items():
         client.set_model_version_tag(model_name, ch.version, k, v)
-    client.update_model_version(model_name, ch.version, description=_description(ch, verdict, split))
+    client.update_model_version(model_name, ch.version, description=_description(ch, verdict, split, margin))
     return verdict, _alias_version(client, model_name, CHAMPION) or ch.version
 
 
@@ -390,20 +414,8 @@ def promote(
     client = mlflow_client()
     source = resolve_source_run(run_id, sweep_run_id)
     ch = _register_challenger(client, model_name, source, sweep_run_id, split, data_root, gallery_split)
-    reg_run = ch.registration_run_id
-    try:
-        with PromotionLock(model_name, timeout_s=lock_timeout_s):
-            verdict, champion_after = _gate(client, model_name, ch, margin, split)
-        if verdict.champion_metrics is not None:
-            tracking.log_metrics(
-                reg_run,
-                {f"champion/{split}/{k}": verdict.champion_metrics[k] for k in REPORTED_METRICS},
-                step=0,
-            )
-    except BaseException:
-        tracking.set_terminated(reg_run, "FAILED")
-        raise
-    tracking.set_terminated(reg_run, "FINISHED")
+    with PromotionLock(model_name, timeout_s=lock_timeout_s):
+        verdict, champion_after = _gate(client, model_name, ch, margin, split)
     return PromotionResult(
         model_name=model_name,
         version=ch.version,

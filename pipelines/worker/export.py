@@ -60,10 +60,12 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Ten
 
 def export_and_log(
     job: WorkerJob, state_dict: dict, tokenizer: Any, num_classes: int,
-    metrics: dict, val_best: EvalResult, val_data: Any, tracker: Tracker,
-) -> None:
+    metrics: dict, val_best: EvalResult, val_data: Any, tracker: Tracker, test_step: int,
+) -> str | None:
     """Export the model to ``job.model_dir`` (with ``metrics``, its numbers), then log the
-    config, the pictures of ``val_best`` and the model to the tracker's run (rank 0)."""
+    config, the pictures of ``val_best`` and the model to the tracker's run (rank 0): the model
+    as the run's logged model, its val metrics (at the best epoch's step) and test metrics (at
+    ``test_step``) linked to it. Returns the logged model's id (None without tracking)."""
     from tpr_core.config import dump_config
     from tpr_core.export import save_exported
 
@@ -80,7 +82,7 @@ def export_and_log(
         if is_uri(job.model_dir):
             upload_dir(local_model, job.model_dir)
         if not tracker.enabled:
-            return
+            return None
         cpath = Path(tmp, "config.yaml")
         cpath.write_text(dump_config(cfg))
         tracker.artifact(cpath)
@@ -92,7 +94,9 @@ def export_and_log(
                 tracker.artifact(png, "pictures")
         except Exception as e:  # pictures must never fail a finished training
             print(f"[tpr] warning: could not draw pictures: {e}", flush=True)
-        tracker.artifact(local_model, "model")
+        val = {k: v for k, v in numbers.items() if k.startswith("val/")}
+        test = {k: v for k, v in numbers.items() if k.startswith("test/")}
+        return tracker.log_best_model(local_model, val, int(metrics.get("step", test_step)), test, test_step)
 
 
 def _pictures(res: EvalResult, data: Any, out: Path) -> None:

@@ -287,11 +287,11 @@ def _final_results(w: _Worker, best_metrics: dict) -> dict[str, Any]:
         "model_dir": job.model_dir, "mlflow_run_id": w.tracker.run_id or "",
     }
     if w.rank == 0:
-        export_and_log(
-            job, state_dict, w.tokenizer, w.num_classes, {**best_metrics, **final}, val_best, w.val_data, w.tracker
+        model_id = export_and_log(
+            job, state_dict, w.tokenizer, w.num_classes, {**best_metrics, **final}, val_best, w.val_data,
+            w.tracker, test_step=w.state["step"],
         )
-        w.tracker.log(final, w.state["step"], kind="test")
-        w.tracker.finish()
+        w.tracker.finish(summary=_summary(best_metrics, final, model_id))
         write_text(job.result_path, json.dumps(out, indent=2))
         from safetensors.torch import save as to_safetensors
 
@@ -302,3 +302,11 @@ def _final_results(w: _Worker, best_metrics: dict) -> dict[str, Any]:
             f"(epoch {best_metrics.get('epoch')}), test/R1 {final['test/R1']:.2f}, model {job.model_dir}"
         )
     return out
+
+
+def _summary(best_metrics: dict, final: dict, model_id: str | None) -> str:
+    """The end of the run's description: the best checkpoint's numbers and its logged model."""
+    val = ", ".join(f"{k} {best_metrics[k]:.2f}" for k in (f"val/{m}" for m in REPORTED_METRICS) if k in best_metrics)
+    test = ", ".join(f"{k} {final[k]:.2f}" for k in (f"test/{m}" for m in REPORTED_METRICS) if k in final)
+    model = f" Logged model: models:/{model_id}." if model_id else ""
+    return f"Best checkpoint: epoch {best_metrics.get('epoch')}; {val}; {test}.{model}"

@@ -147,8 +147,11 @@ def exported_model(kind: str) -> str:
 
 
 def log_training_run(kind: str, experiment: str = "tpr-registry-tests") -> str:
-    """A finished MLflow run shaped like a training run: tags, val metrics, ``model/`` artifact."""
+    """A finished MLflow run shaped like a training run: tags, the dataset as input, and the
+    exported folder as its logged model ``model`` with the val metrics linked to it."""
     from pipelines import tracking
+    from pipelines.worker.tracker import BEST_MODEL_NAME
+    from tpr_core.data.store import read_manifest
 
     folder = Path(exported_model(kind))
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -158,8 +161,9 @@ def log_training_run(kind: str, experiment: str = "tpr-registry-tests") -> str:
         run_name=f"train-{kind}",
         tags={"method": "irra", "dataset_manifest_hash": "fixture", "git_commit": "0" * 40},
     )
-    tracking.log_metrics(run_id, metrics, step=1)
-    tracking.log_artifact(run_id, folder, "model")
+    data = tracking.prepared_dataset(dataset()["root"], read_manifest(dataset()["root"]), "synthetic")
+    tracking.log_dataset_input(run_id, data)
+    tracking.log_folder_model(run_id, folder, BEST_MODEL_NAME, [(metrics, 1)], dataset=data)
     tracking.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -113,23 +113,88 @@ def test_equal_is_kept(history):
 
 
 def test_decision_written_on_version(history, runs):
+    """A few tags (the weights' hash, where it comes from, the decision); the numbers of both
+    sides in the description."""
+    from pipelines.registry.common import WEIGHTS_TAG
+
     client = mlflow.MlflowClient()
     res, _ = history["worse"]
     mv = client.get_model_version("gate", res.version)
     tags = mv.tags
+    assert set(tags) == {WEIGHTS_TAG, "tpr.source_run_id", "tpr.method", "tpr.dataset_manifest_hash",
+                         "tpr.decision", "tpr.decision_reason", "tpr.compared_with"}  # fmt: skip
     assert tags["tpr.decision"] == "kept"
     assert tags["tpr.source_run_id"] == runs["untrained"]
     assert tags["tpr.method"] == "irra"
     assert tags["tpr.dataset_manifest_hash"] == "fixture"
-    assert tags["tpr.git_commit"] == "0" * 40
     assert tags["tpr.compared_with"] == "3"
-    assert float(tags["tpr.challenger.R1"]) == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
-    assert float(tags["tpr.champion.R1"]) == pytest.approx(res.champion_metrics["R1"], abs=1e-4)
-    assert "tpr.metric.val/R1" in tags
     assert mv.description.startswith("Decision: kept")
-    assert "Champion v3" in mv.description
+    assert f"Challenger v{res.version}: R1 {res.challenger_metrics['R1']:.2f}" in mv.description
+    assert f"Champion v3: R1 {res.champion_metrics['R1']:.2f}" in mv.description
+    assert f"Trained by run {runs['untrained']} (code {'0' * 40}" in mv.description
     promoted = client.get_model_version("gate", "3")
     assert promoted.tags["tpr.promoted_over"] == "1"
+    assert "champion (what is served)" in client.get_registered_model("gate").description
+
+
+def test_version_comes_from_the_training_run(history, runs):
+    """The version registers a retrieval pyfunc logged from the training run itself (no run of
+    its own), which carries the gate's evaluation; the training run keeps its status."""
+    client = mlflow.MlflowClient()
+    res, _ = history["better"]
+    mv = client.get_model_version("gate", res.version)
+    assert mv.run_id == runs["trained"] and mv.source.startswith("models:/m-")
+    model_id = mv.source.removeprefix("models:/")
+    served = client.get_logged_model(model_id)
+    assert served.name == registry.SERVING_MODEL_NAME and served.source_run_id == runs["trained"]
+    gate = {m.key: m for m in served.metrics}
+    assert gate["gate/val/R1"].value == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
+    assert (gate["gate/val/R1"].dataset_name, gate["gate/val/R1"].run_id) == ("synthetic", runs["trained"])
+    run = client.get_run(runs["trained"])
+    assert run.info.status == "FINISHED"
+    assert model_id in {o.model_id for o in run.outputs.model_outputs}
+    exp = run.info.experiment_id
+    assert not client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{runs['trained']}'")
+
+
+def _png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_the_mlflow_ui_shows_experiment_training_run_and_registered_model(history, runs, server, tmp_path):
+    """scripts/mlflow_screenshots.py in headless Chromium against the store of this module: the
+    experiment opens on its runs table (both training runs, their dataset), the training run
+    page shows its dataset, description, logged models and version, the registered model page its
+    description, aliases and the gate's decision."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("neither chromium nor chromium-browser is on PATH: the UI screenshots need one")
+    client = mlflow.MlflowClient()
+    trained = client.get_run(runs["trained"])
+    ds = trained.inputs.dataset_inputs[0].dataset
+    done = subprocess.run(
+        [sys.executable, str(fx.REPO / "scripts/mlflow_screenshots.py"), "--tracking-uri", server,
+         "--run-id", runs["trained"], "--model", "gate", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=fx.REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    pages = {}
+    for name in ("experiment", "training_run", "registered_model"):
+        assert _png_size(tmp_path / f"{name}.png") == (1800, 1300)
+        pages[name] = (tmp_path / f"{name}.html").read_text()
+    assert all(n in pages["experiment"] for n in ("train-trained", "train-untrained", ds.name, "Model training"))
+    run_page = pages["training_run"]
+    assert all(n in run_page for n in ("train-trained", f"{ds.name} ({ds.digest})", "Finished", "gate"))
+    models = {o.model_id for o in trained.outputs.model_outputs}
+    assert any(m in run_page for m in models)
+    model_page = pages["registered_model"]
+    assert "champion (what is served)" in model_page and "@&nbsp;champion" in model_page
+    assert "Decision: promoted" in model_page
 
 
 def test_registered_model_reproduces_run_metrics(history):

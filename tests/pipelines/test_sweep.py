@@ -86,8 +86,7 @@ def test_shipped_spaces_validate():
 
 
 @pytest.mark.slow
-def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path, capfd):
-    import ray
+def test_four_trial_asha_sweep_logs_parent_and_children(ray_local, synth_data, tmp_path, capfd):
     from mlflow import MlflowClient
 
     from pipelines.sweep import sweep
@@ -95,10 +94,7 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path, ca
     from pipelines.tracking_server import tracking_server
 
     # 2 epochs: ASHA's rungs (grace 1, factor 2) fall on epochs 1 and 2, the last one included
-    try:
-        out = sweep(_cfg(synth_data, train__epochs=2), SPACE, runs_dir=tmp_path, samples=4, name="sw")
-    finally:
-        ray.shutdown()
+    out = sweep(_cfg(synth_data, train__epochs=2), SPACE, runs_dir=tmp_path, samples=4, name="sw")
     printed = "".join(capfd.readouterr())
     assert "View detailed results here" in printed  # Tune's own output is there (#19) ...
     for noise in ("To visualize your results with TensorBoard", "max_concurrent_trials", "Reporting training result"):
@@ -133,6 +129,46 @@ def test_four_trial_asha_sweep_logs_parent_and_children(synth_data, tmp_path, ca
                 model_dir = by_id[r["mlflow_run_id"]].data.tags["tpr.model_dir"]
                 exported = json.loads(Path(model_dir, "metrics.json").read_text())
                 assert r["best_val/R1"] == pytest.approx(exported["val/R1"]), r
+        ended = {"DONE": "FINISHED", "STOPPED": "KILLED"}  # every trial's run ended, none RUNNING
+        for r in out["trials"]:
+            assert client.get_run(r["mlflow_run_id"]).info.status == ended[r["status"]], r
+
+
+def test_a_trial_asha_stops_ends_killed_with_its_reason(ray_local, synth_data, tmp_path, monkeypatch):
+    """Two 2-epoch trials one after the other, ranked on Tune's own report ``timestamp`` (mode
+    min): at the rung of epoch 1 the second trial is behind the first by construction, so ASHA
+    stops it. Its MLflow run ends KILLED, with an end time and the reason; the finished trial's,
+    FINISHED. A space file may only name ``best_val/R1``, so the test swaps the metric in after
+    the file is checked: the sweep's machinery is the same, only the ranking is made certain."""
+    from mlflow import MlflowClient
+
+    from pipelines import sweep as sweep_mod
+    from pipelines.space import load_space
+    from pipelines.tracking import DESCRIPTION_TAG
+    from pipelines.tracking_server import tracking_server
+
+    def by_timestamp(path, base):
+        return load_space(path, base).model_copy(update={"metric": "timestamp", "mode": "min"})
+
+    monkeypatch.setattr(sweep_mod, "load_space", by_timestamp)
+    sweep = sweep_mod.sweep
+    space = _write_space(
+        tmp_path, {"loss.weights.id": {"choice": [1.0]}}, search="random",
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    cfg = _cfg(synth_data, train__epochs=2, train__max_steps_per_epoch=1)
+    out = sweep(cfg, space, runs_dir=tmp_path, samples=2, max_concurrent=1, name="asha")
+    status = {r["status"]: r for r in out["trials"]}
+    assert sorted(status) == ["DONE", "STOPPED"], out["trials"]
+    assert status["STOPPED"]["epochs"] == 1
+    with tracking_server(tmp_path) as uri:
+        client = MlflowClient(uri)
+        stopped = client.get_run(status["STOPPED"]["mlflow_run_id"])
+        done = client.get_run(status["DONE"]["mlflow_run_id"])
+    assert stopped.info.status == "KILLED"
+    assert stopped.info.end_time is not None and stopped.info.end_time >= stopped.info.start_time
+    assert "Stopped by the ASHA scheduler after epoch 1" in stopped.data.tags[DESCRIPTION_TAG]
+    assert done.info.status == "FINISHED" and done.info.end_time >= done.info.start_time
 
 
 def test_resume_of_unknown_sweep_is_refused_before_anything_starts(synth_data, tmp_path):

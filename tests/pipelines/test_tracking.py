@@ -310,3 +310,44 @@ def test_server_ends_when_its_driver_is_killed(tmp_path):
     while time.monotonic() < deadline and _healthy(uri):
         time.sleep(0.5)
     assert not _healthy(uri), "the MLflow server outlived its driver"
+
+
+def test_experiments_are_model_development_and_default_stores_behind_the_proxy(server):
+    """tpr's experiments carry MLflow 3's kind tag (also one made before, without it); the store's
+    Default experiment keeps its artifacts behind the server, not in the template's cache folder."""
+    client = mlflow.MlflowClient()
+    exp_id = tracking.get_or_create_experiment("kind")
+    assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    bare = client.create_experiment("kind-older")
+    assert tracking.get_or_create_experiment("kind-older") == bare
+    assert client.get_experiment(bare).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment("0").artifact_location == "mlflow-artifacts:/0"
+
+
+def test_ended_run_keeps_its_reason_and_end_time(server):
+    run_id = tracking.start_or_resume_run("ended", "e-1", tags=tracking.context_tags("f" * 40))
+    tracking.describe(run_id, "a training")
+    assert tracking.end_open_run("ended", "e-1", "KILLED", "Stopped by the scheduler.") == run_id
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time >= run.info.start_time
+    assert run.data.tags[tracking.DESCRIPTION_TAG] == "a training\n\nStopped by the scheduler."
+    # set by MLflow's own context providers, the commit given when they find none
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.git.commit"]
+    # an ended run is left as it is
+    assert tracking.end_open_run("ended", "e-1", "FAILED", "late") == run_id
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert tracking.end_open_run("ended", "no-such-key", "FAILED") is None
+    with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
+        tracking.set_terminated(run_id, "STOPPED")
+
+
+def test_ui_url_opens_the_model_training_view():
+    base = "http://127.0.0.1:5000/"
+    assert tracking.ui_url(base, "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.ui_url(base, "3", "ab") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/ab?workflowType=machine_learning"
+    )
+    assert tracking.ui_url(base, model_name="tpr retrieval") == (
+        "http://127.0.0.1:5000/#/models/tpr%20retrieval?workflowType=machine_learning"
+    )

@@ -56,6 +56,7 @@ def test_zero2_two_workers_learns_and_tracks(ray_local, synth_data, tmp_path):
         train__checkpoint_every=2,
         train__log_every=5,
         distributed__zero_stage=2,
+        tracking__system_metrics_interval_s=1,
     )
     m = train(cfg, runs_dir=tmp_path, name="z2")
     chance = _chance_r1(synth_data["root"])
@@ -114,9 +115,45 @@ def _check_z2_run(client, cfg, m):
     losses = [h.value for h in client.get_metric_history(run.info.run_id, "train/loss")]
     assert losses[-1] < losses[0]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "pictures", "model"} <= arts
+    assert {"config.yaml", "pictures"} <= arts
+    _check_z2_logged_model(client, run, cfg, m)
     pics = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
     assert {"pictures/retrieval_grid.png", "pictures/recall_at_k.png"} <= pics
+
+
+def _check_z2_logged_model(client, run, cfg, m):
+    """The run's MLflow 3 record: its best checkpoint as a logged model with the val (best
+    epoch) and test metrics linked to it and to the dataset, the dataset as the run's input,
+    system metrics, a description, MLflow's source tags."""
+    from tpr_core.data.store import read_manifest
+
+    run_id = run.info.run_id
+    manifest = read_manifest(cfg.data.root)
+    [inp] = run.inputs.dataset_inputs
+    ds = inp.dataset
+    assert (ds.name, ds.digest) == (cfg.data.format, manifest["content_hash"].split(":")[-1][:12])
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "train"
+    assert json.loads(ds.source)["uri"].endswith("parquet") and json.loads(ds.profile) == manifest["counts"]
+    assert "caption" in ds.schema
+    [out] = run.outputs.model_outputs
+    model = client.get_logged_model(out.model_id)
+    assert (model.name, model.source_run_id, model.status.to_int()) == ("model", run_id, 2)  # READY
+    assert model.params["loss.weights.sdm"] == "1.0" and model.model_type == "irra"
+    linked = {mt.key: mt for mt in model.metrics}
+    assert linked["val/R1"].value == pytest.approx(m["best/val_R1"])
+    assert linked["test/R1"].value == pytest.approx(m["test/R1"])
+    # linked at the step the best epoch was evaluated, the same point as the run's own
+    assert any(h.step == linked["val/R1"].step and not h.model_id and h.value == pytest.approx(m["best/val_R1"])
+               for h in client.get_metric_history(run_id, "val/R1"))  # fmt: skip
+    for mt in linked.values():
+        assert (mt.run_id, mt.dataset_name, mt.dataset_digest) == (run_id, ds.name, ds.digest)
+    exported = {p.path for p in client.list_logged_model_artifacts(model.model_id)}
+    assert {"model.safetensors", "config.json", "config.yaml", "tokenizer.json", "metrics.json"} <= exported
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"IRRA trained on {cfg.data.format} data") and f"models:/{model.model_id}" in note
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
 
 
 def test_zero3_export_matches_engine_embeddings(ray_local, synth_data, tmp_path, monkeypatch):
@@ -217,7 +254,11 @@ def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_pa
         steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "train/loss")]
         assert steps == list(range(1, 10)), steps  # 3 epochs x 3 steps, each exactly once
         val_steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "val/R1")]
-        assert val_steps == [3, 6, 9]
+        # each evaluation once, and the best epoch's once more: linked to the logged model
+        assert sorted(val_steps) == sorted([3, 6, 9, 3 * m["best/epoch"]]), val_steps
+        [out] = runs[0].outputs.model_outputs
+        linked = {mt.key: mt.step for mt in client.get_logged_model(out.model_id).metrics}
+        assert linked["val/R1"] == 3 * m["best/epoch"] and linked["test/R1"] == 9
 
 
 def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
