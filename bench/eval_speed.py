@@ -15,9 +15,15 @@ Features are synthetic at the test-split sizes of CUHK-PEDES (6,156 captions x 3
 images, 1,000 identities) and ICFG-PEDES (19,848 x 19,848, 1,000 identities), dimension
 512. ``--features clustered`` (default) draws each identity a centre and adds per-sample
 noise of varying strength, tuned so the metrics land near published values; ``random``
-uses unrelated Gaussian features (chance-level metrics).
+uses unrelated Gaussian features (chance-level metrics). ``tiny`` (1,200 x 600) is a quick
+check of the script itself.
+
+``--device cuda,cpu`` runs tpr's path (and the scores-only floor) on each device, so the GPU's
+time and memory stand next to the CPU path's; ``--methods`` picks what runs and ``--json``
+writes every run's figures (``bench/gpu_check.py`` reads them).
 
     python bench/eval_speed.py --sizes cuhk,icfg --device auto
+    python bench/eval_speed.py --sizes icfg --device cuda,cpu --methods fast
 """
 
 from __future__ import annotations
@@ -33,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tpr_core.eval.metrics import REPORTED_METRICS as METRIC_KEYS
-
-# (num_queries, num_images, num_ids) of the test splits.
-SIZES = {"cuhk": (6156, 3074, 1000), "icfg": (19848, 19848, 1000)}
+# (num_queries, num_images, num_ids) of the test splits, and a tiny one for a quick check.
+SIZES = {"cuhk": (6156, 3074, 1000), "icfg": (19848, 19848, 1000), "tiny": (1200, 600, 100)}
 # (image noise, caption noise, log-normal spread of the noise) for --features clustered.
-NOISE = {"cuhk": (2.2, 2.6, 0.3), "icfg": (2.2, 2.8, 0.35)}
+NOISE = {"cuhk": (2.2, 2.6, 0.3), "icfg": (2.2, 2.8, 0.35), "tiny": (2.2, 2.6, 0.3)}
+METHODS = ("naive", "fast", "scores")
+LABELS = {"naive": "naive", "fast": "tpr", "scores": "scores only"}
 DIM = 512
 KS = (1, 5, 10)
 
@@ -117,6 +123,8 @@ def worker(args: argparse.Namespace) -> None:
     """Run one method on one size and print one JSON line."""
     import torch
 
+    from tpr_core.eval.metrics import REPORTED_METRICS
+
     q, g, qp, gp = make_problem(args.size, args.features, args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.worker == "fast":
@@ -177,28 +185,90 @@ def worker(args: argparse.Namespace) -> None:
         "extra_rss_mib": max(0, peak - rss_before) / 1024,
         "peak_is_exact": exact_peak,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        "metrics": {k: metrics[k] for k in METRIC_KEYS if k in metrics},
+        "metrics": {k: metrics[k] for k in REPORTED_METRICS if k in metrics},
     }
     print(json.dumps(result))
 
 
-def run_method(method: str, size: str, args: argparse.Namespace) -> dict:
+def run_method(method: str, size: str, device: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", method, "--size", size, "--features", args.features,
-        "--device", args.device, "--chunk-size", str(args.chunk_size), "--naive-sort", args.naive_sort,
+        "--device", device, "--chunk-size", str(args.chunk_size), "--naive-sort", args.naive_sort,
         "--seed", str(args.seed),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"{method} on {size} failed:\n{done.stderr}")
+        raise SystemExit(f"{method} on {size} ({device}) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def planned_runs(methods: list[str], devices: list[str]) -> list[tuple[str, str]]:
+    """(method, device) pairs: the naive reference on the CPU, tpr's path and the scores-only
+    floor on each requested device."""
+    return [(m, "cpu") if m == "naive" else (m, d) for m in methods for d in (devices[:1] if m == "naive" else devices)]
+
+
+def run_keys(plan: list[tuple[str, str]]) -> list[str]:
+    """A name per planned run: ``naive``, ``fast@cuda``...; a device named twice (``cpu,cpu``:
+    run-to-run spread) gets ``#2`` on its second run."""
+    keys: list[str] = []
+    for m, d in plan:
+        key = m if m == "naive" else f"{m}@{d}"
+        n = sum(1 for k in keys if k.split("#")[0] == key)
+        keys.append(key if n == 0 else f"{key}#{n + 1}")
+    return keys
+
+
+def summarise(size: str, best: dict[str, dict], peak: dict[str, float]) -> dict:
+    """Print one size's figures and return them (for ``--json``): every run, the speed-ups of
+    tpr's path against the naive reference and between devices, and how far the metrics agree."""
+    num_q, num_g, _ = SIZES[size]
+    print(f"\n== {size}: {num_q} queries x {num_g} gallery ==")
+    for key, r in best.items():
+        cuda = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if r["cuda_peak_mib"] is not None else ""
+        print(
+            f"  {LABELS[r['method']]:11s} [{r['device']}] {r['seconds']:7.2f} s wall ({r['cpu_seconds']:6.2f} s CPU)  "
+            f"peak RSS +{peak[key]:5.0f} MiB (process {r['peak_rss_mib']:.0f} MiB){cuda}"
+        )
+    if any(r["method"] == "scores" for r in best.values()):
+        print("  (scores only: chunked similarity, no ranking; a floor for any exact method on this device)")
+    fast = [k for k, r in best.items() if r["method"] == "fast"]
+    if "naive" in best:
+        naive = best["naive"]
+        for k in fast:
+            f = best[k]
+            print(
+                f"  speed-up naive/tpr [{f['device']}]: {naive['seconds'] / f['seconds']:.2f}x wall, "
+                f"{naive['cpu_seconds'] / f['cpu_seconds']:.2f}x CPU time; peak memory tpr/naive "
+                f"(host RSS increase): {peak[k] / max(peak['naive'], 1e-9):.3f}"
+            )
+    for k in fast[1:]:
+        a, b = best[fast[0]], best[k]
+        print(f"  tpr [{a['device']}] against tpr [{b['device']}]: {b['seconds'] / a['seconds']:.2f}x faster (wall)")
+    scored = [k for k, r in best.items() if r["metrics"]]
+    diff = 0.0
+    if len(scored) > 1:
+        ref = best[scored[0]]["metrics"]
+        diff = max(abs(best[k]["metrics"][m] - v) for k in scored[1:] for m, v in ref.items())
+        print("  metrics: " + "; ".join(
+            f"{k} " + ", ".join(f"{m} {v:.3f}" for m, v in best[k]["metrics"].items()) for k in scored
+        ))  # fmt: skip
+        print(f"  max |difference|: {diff:.2e} percentage points ({'agree' if diff < 1e-2 else 'DISAGREE'})")
+    return {
+        "queries": num_q, "gallery": num_g, "metrics_max_abs_diff": diff, "metrics_agree": diff < 1e-2,
+        "runs": {k: {**r, "extra_rss_mib": peak[k]} for k, r in best.items()},
+    }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="cuhk,icfg", help="comma-separated: cuhk, icfg")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for tpr's path")
+    parser.add_argument("--sizes", default="cuhk,icfg", help="comma-separated: " + ", ".join(SIZES))
+    parser.add_argument(
+        "--device", default="auto", help="for tpr's path: auto, cpu or cuda, or several comma-separated (cuda,cpu)"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
     parser.add_argument("--features", default="clustered", choices=["clustered", "random"])
     parser.add_argument("--chunk-size", type=int, default=2048, help="queries per chunk (tpr's path)")
     parser.add_argument(
@@ -207,44 +277,34 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=["naive", "fast", "scores"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        parser.error(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
+    sizes, methods, devices = (
+        [s.strip() for s in v.split(",") if s.strip()] for v in (args.sizes, args.methods, args.device)
+    )
+    for name, got, known in (("sizes", sizes, SIZES), ("methods", methods, METHODS),
+                             ("device", devices, ("auto", "cpu", "cuda"))):  # fmt: skip
+        unknown = [s for s in got if s not in known]
+        if unknown or not got:
+            parser.error(f"--{name}: unknown {unknown or got}; choose from {', '.join(known)}")
 
     print(f"features={args.features} dim={DIM} chunk_size={args.chunk_size} naive_sort={args.naive_sort}")
-    labels = {"naive": "naive", "fast": "tpr", "scores": "scores only"}
+    report = {"features": args.features, "dim": DIM, "chunk_size": args.chunk_size, "sizes": {}}
     for size in sizes:
-        num_q, num_g, _ = SIZES[size]
-        runs = {m: [run_method(m, size, args) for _ in range(max(1, args.repeat))] for m in labels}
-        best = {m: min(r, key=lambda x: x["seconds"]) for m, r in runs.items()}
-        peak = {m: max(x["extra_rss_mib"] for x in r) for m, r in runs.items()}
-        naive, fast = best["naive"], best["fast"]
-        print(f"\n== {size}: {num_q} queries x {num_g} gallery ==")
-        for m, label in labels.items():
-            r = best[m]
-            cuda = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if r["cuda_peak_mib"] is not None else ""
-            print(
-                f"  {label:11s} [{r['device']}] {r['seconds']:7.2f} s wall ({r['cpu_seconds']:6.2f} s CPU)  "
-                f"peak RSS +{peak[m]:5.0f} MiB (process {r['peak_rss_mib']:.0f} MiB){cuda}"
-            )
-        print("  (scores only: chunked similarity, no ranking; a floor for any exact method on this device)")
-        print(
-            f"  speed-up naive/tpr: {naive['seconds'] / fast['seconds']:.2f}x wall, "
-            f"{naive['cpu_seconds'] / fast['cpu_seconds']:.2f}x CPU time"
-        )
-        print(f"  peak memory tpr/naive (host RSS increase): {peak['fast'] / max(peak['naive'], 1e-9):.3f}")
-        diff = max(abs(naive["metrics"][k] - fast["metrics"][k]) for k in METRIC_KEYS)
-        print("  metrics (naive | tpr): " + ", ".join(
-            f"{k} {naive['metrics'][k]:.3f} | {fast['metrics'][k]:.3f}" for k in METRIC_KEYS
-        ))  # fmt: skip
-        print(f"  max |difference|: {diff:.2e} percentage points ({'agree' if diff < 1e-2 else 'DISAGREE'})")
+        plan = planned_runs(methods, devices)
+        runs = {
+            key: [run_method(m, size, d, args) for _ in range(max(1, args.repeat))]
+            for key, (m, d) in zip(run_keys(plan), plan, strict=True)
+        }
+        best = {k: min(r, key=lambda x: x["seconds"]) for k, r in runs.items()}
+        peak = {k: max(x["extra_rss_mib"] for x in r) for k, r in runs.items()}
+        report["sizes"][size] = summarise(size, best, peak)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
