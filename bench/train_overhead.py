@@ -123,8 +123,9 @@ def build_batches(cfg: ExperimentConfig, tokenizer: Any, n: int) -> tuple[list[d
     return batches, train_identity_count(train)
 
 
-def init_process_group() -> None:
-    """A gloo group of world size 1, as a Ray Train worker has (before deepspeed.initialize)."""
+def init_process_group(backend: str = "gloo") -> None:
+    """A group of world size 1, as a Ray Train worker has (before deepspeed.initialize): gloo on
+    CPU, nccl on a GPU."""
     import torch.distributed as dist
 
     os.environ.update(
@@ -132,14 +133,15 @@ def init_process_group() -> None:
         LOCAL_WORLD_SIZE="1",
     )
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(backend, rank=0, world_size=1)
 
 
 class TprStep:
-    """The worker's step: the method in ``EngineModule`` in a DeepSpeed engine (ZeRO-0, fp32)."""
+    """The worker's step: the method in ``EngineModule`` in a DeepSpeed engine with the worker's
+    ``ds_config`` for ``cfg`` (here ZeRO-0, fp32), on the engine's device (DeepSpeed moves the
+    method to its accelerator: the CPU, or this rank's GPU)."""
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, tokenizer: Any, steps_per_epoch: int) -> None:
-
         from pipelines.worker.engine import EngineModule, engine_dtype, initialize_engine
         from tpr_core.models import build_method, method_spec
         from tpr_core.optim import build_optimizer, build_scheduler
@@ -158,17 +160,21 @@ class TprStep:
         self.sums = torch.zeros(len(self.terms) + 1)
         self.step_count = 0
         self.samples = 0
-        self.device = torch.device("cpu")
+        self.device = torch.device(self.engine.device)
 
     @property
     def method(self) -> torch.nn.Module:
         return self.engine.module.method
 
     def __call__(self, batch: dict[str, torch.Tensor], i: int) -> float:
+        from tpr_core.data.dataset import IMAGE_KEYS
+
         # The body of pipelines.worker.loop._train_step.
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.dtype != torch.float32:
-            batch["images"] = batch["images"].to(self.dtype)
+            for key in IMAGE_KEYS:
+                if key in batch:
+                    batch[key] = batch[key].to(self.dtype)
         terms = self.engine(batch)
         total = sum(self.weights[k] * terms[k] for k in self.terms)
         self.engine.backward(total)
