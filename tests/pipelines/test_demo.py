@@ -82,7 +82,6 @@ def test_demo_table_compares_equal_budgets(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs h/terminal")
 def test_demo_output_holds_no_noise(demo_run):
     r, _ = demo_run
     out = r.stdout + r.stderr
