@@ -115,14 +115,16 @@ def test_equal_is_kept(history):
 def test_decision_written_on_version(history, runs):
     """A few tags (the weights' hash, where it comes from, the decision); the numbers of both
     sides in the description."""
-    from pipelines.registry.common import WEIGHTS_TAG
+    from pipelines.registry.common import GATE_R1_TAG, GATE_SPLIT_TAG, WEIGHTS_TAG
 
     client = mlflow.MlflowClient()
     res, _ = history["worse"]
     mv = client.get_model_version("gate", res.version)
     tags = mv.tags
     assert set(tags) == {WEIGHTS_TAG, "tpr.source_run_id", "tpr.method", "tpr.dataset_manifest_hash",
-                         "tpr.decision", "tpr.decision_reason", "tpr.compared_with"}  # fmt: skip
+                         "tpr.decision", "tpr.decision_reason", "tpr.compared_with", GATE_SPLIT_TAG,
+                         GATE_R1_TAG}  # fmt: skip
+    assert tags[GATE_SPLIT_TAG] == "val" and float(tags[GATE_R1_TAG]) == pytest.approx(res.challenger_metrics["R1"], abs=1e-4)
     assert tags["tpr.decision"] == "kept"
     assert tags["tpr.source_run_id"] == runs["untrained"]
     assert tags["tpr.method"] == "irra"

@@ -338,6 +338,8 @@ def test_read_only_commands_read_the_store_without_a_server(champion):
     for row in served:
         assert row["image_path"] in search.output and f"{row['score']:.4f}" in search.output
     assert models.exit_code == 0 and "champion" in models.output and "promoted" in models.output, models.output
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert f"{float(champion.tags['tpr.gate.R1']):.2f} (val)" in models.output, models.output  # the gate's R@1
     assert dry.exit_code == registry.EXIT_KEPT, dry.output
     assert "would be kept" in dry.output and "nothing was registered" in " ".join(dry.output.split())
     assert [(v.version, v.aliases) for v in client.search_model_versions(f"name='{NAME}'")] == before
