@@ -145,10 +145,11 @@ def build_table(rows: list[Row], searched: list[str]) -> Table:
         title=f"every run: {budget.describe()}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
         caption="val R1: best validation R@1 (the sweep and the gate select on it)",
     )
-    table.add_column("run", no_wrap=True)
+    # On a narrow terminal the run's label wraps; the numbers are never cut.
+    table.add_column("run", overflow="fold", min_width=8)
     for key in searched:
         last = key.rsplit(".", 1)[-1]
-        table.add_column(_SHORT.get(last, last), justify="right")
+        table.add_column(_SHORT.get(last, last), justify="right", no_wrap=True, min_width=4)
     for name in ("epochs", "val R1", "test R1"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:

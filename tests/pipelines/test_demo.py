@@ -1,6 +1,7 @@
 """The README's first command, end to end (quick size, same code path): `tpr demo --quick`;
 and the demo's closing table, whose rows must have trained under one budget."""
 
+import dataclasses
 import io
 import os
 import re
@@ -122,6 +123,13 @@ def test_table_shows_every_row_within_80_columns_with_stopped_epochs():
     assert row["trial2"][2:10] == ["0.52", "1.93", "0.60", "0.27", "2/6", "stopped", "9.50", "-"], text
     assert row["trial1"][2:9] == ["1.42", "0.71", "1.10", "0.18", "6/6", "19.20", "24.10"], text
     assert any(line.split()[:2] == ["champion", "v2"] for line in lines), text
+    # A longer label (a champion from an earlier demo) wraps on an 80-column terminal; no number is cut.
+    rows[-1] = dataclasses.replace(rows[-1], label="champion v2 = an earlier demo")
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(build_table(rows, SEARCHED))
+    narrow = console.export_text()
+    assert "…" not in narrow and max(len(line.rstrip()) for line in narrow.splitlines()) <= 80, narrow
+    assert narrow.count("1.42") == 2 and narrow.count("0.27") == 1, narrow
 
 
 def test_table_refuses_rows_of_unequal_budgets():
