@@ -56,6 +56,9 @@ Environment:
   RAY_BIN   ray executable to use (default: .venv/bin/ray of this repo if present, else `ray`
             on PATH). The cluster side must have `tpr` on PATH (cluster/Dockerfile installs it;
             for a local `ray start --head`, start Ray from the activated .venv).
+  TPR_SUBMIT_AGENT_WAIT_S
+            seconds to keep retrying while a just-started cluster says "No available agent
+            to submit job" (default 120).
 
 Examples:
   cluster/submit.sh --address http://127.0.0.1:8265 -- \
@@ -325,6 +328,17 @@ state=$(job_state)
 say "submitting $JOB_ID to $ADDRESS: ${CMD[*]}"
 rc=0
 out=$("${SUBMIT[@]}" 2>&1) || rc=$?
+# A cluster that has just started answers before its job agent has registered, and Ray says
+# "No available agent to submit job, please try again later": so do, for a while.
+AGENT_WAIT_S=${TPR_SUBMIT_AGENT_WAIT_S:-120}
+waited=0
+while [[ $rc -ne 0 ]] && grep -q "No available agent to submit job" <<<"$out" && ((waited < AGENT_WAIT_S)); do
+  say "the cluster's job agent is not up yet; trying again in 5 s (waited ${waited} s of ${AGENT_WAIT_S})"
+  sleep 5
+  waited=$((waited + 5))
+  rc=0
+  out=$("${SUBMIT[@]}" 2>&1) || rc=$?
+done
 if [[ $rc -ne 0 ]]; then
   if grep -q "already exists" <<<"$out"; then
     # Another submit with this id won the race between our status check and this submit.

@@ -557,6 +557,37 @@ def test_submit_sh_dry_run_shows_the_ray_job_submit_line() -> None:
     assert argv[argv.index("--") + 1 :] == ["tpr", "train", "pipelines/configs/irra_synthetic_tiny.yaml"]
 
 
+def test_submit_sh_retries_while_a_new_cluster_has_no_job_agent(tmp_path: Path) -> None:
+    """A just-started cluster refuses the first submit ("No available agent ... try again later",
+    seen in a loaded CI run): submit.sh tries again and submits once the agent answers. The
+    cluster side is a script standing in for the `ray` CLI that records every call."""
+    calls, fake = tmp_path / "calls", tmp_path / "ray"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+case "$1 $2" in
+  "job status") echo "Job 'x' does not exist"; exit 1 ;;
+  "job submit")
+    if [[ $(grep -c '^job submit' {calls}) -lt 2 ]]; then
+      echo "RuntimeError: Request failed with status code 500: No available agent to submit job, please try again later.."
+      exit 1
+    fi
+    echo "Job 'x' submitted successfully"; exit 0 ;;
+esac
+""")
+    fake.chmod(0o755)
+    res = _run_submit("--no-wait", "--", "tpr", "train", "pipelines/configs/irra_synthetic_tiny.yaml",
+                      env={"RAY_BIN": str(fake)})  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [c.split()[:2] for c in calls.read_text().splitlines()].count(["job", "submit"]) == 2
+    assert "job agent is not up yet" in res.stderr and "submitted tpr-train-" in res.stderr
+    # Past TPR_SUBMIT_AGENT_WAIT_S it gives up with Ray's own message.
+    calls.write_text("")
+    fake.write_text(fake.read_text().replace("-lt 2", "-lt 99"))
+    res = _run_submit("--no-wait", "--", "tpr", "train", "pipelines/configs/irra_synthetic_tiny.yaml",
+                      env={"RAY_BIN": str(fake), "TPR_SUBMIT_AGENT_WAIT_S": "0"})  # fmt: skip
+    assert res.returncode == 2 and "No available agent" in res.stderr and "ray job submit failed" in res.stderr
+
+
 def test_submit_sh_forwards_tracking_uri_and_env_but_refuses_secrets() -> None:
     res = _run_submit(
         "--dry-run",

@@ -70,6 +70,8 @@ def ray_head(tmp_path):
             break
         except RuntimeError:
             time.sleep(2)
+    else:
+        pytest.fail("the Ray head's job agent did not take a job: " + (tmp_path / "ray-head.log").read_text()[-3000:])
     while time.time() < deadline and client.get_job_status(probe) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         time.sleep(1)
     try:
