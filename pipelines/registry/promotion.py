@@ -337,15 +337,9 @@ def _description(ch: _Challenger, verdict: _Verdict, split: str, margin: float) 
     return "\n".join(lines)
 
 
-def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: str) -> tuple[_Verdict, str]:
-    """Under the lock: make the version challenger, compare it with the champion, move the aliases.
-
-    Returns:
-        The verdict, and the champion version after it.
-    """
-    ev = ch.evaluation
-    reject_interrupted(client, model_name)
-    client.set_registered_model_alias(model_name, CHALLENGER, ch.version)
+def _judge(client: Any, model_name: str, ev: Any, margin: float, split: str) -> _Verdict:
+    """The gate's verdict on an evaluated challenger: the current champion evaluated on the same
+    split and data, then compared (the gate and ``promote --dry-run`` both decide here)."""
     current = _alias_version(client, model_name, CHAMPION)
     champion_metrics = None
     if current is not None:
@@ -357,7 +351,20 @@ def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: s
         split,
         current,
     )
-    verdict = _Verdict(decision, reason, current, champion_metrics)
+    return _Verdict(decision, reason, current, champion_metrics)
+
+
+def _gate(client: Any, model_name: str, ch: _Challenger, margin: float, split: str) -> tuple[_Verdict, str]:
+    """Under the lock: make the version challenger, compare it with the champion, move the aliases.
+
+    Returns:
+        The verdict, and the champion version after it.
+    """
+    ev = ch.evaluation
+    reject_interrupted(client, model_name)
+    client.set_registered_model_alias(model_name, CHALLENGER, ch.version)
+    verdict = _judge(client, model_name, ev, margin, split)
+    decision, current = verdict.decision, verdict.compared_with
     tags = _decision_tags(verdict, split, ev.metrics[GATE_METRIC])
     if decision == "promoted":
         if current is not None:
@@ -495,19 +502,10 @@ def preview_promotion(
         exported = load_exported(download_run_model(source, tmp), device=torch_device())
         root = str(data_root or exported.cfg.data.root)
         ev = evaluate_exported(exported, root, split, split_data=load_split(root, split))
-    current = _alias_version(client, model_name, CHAMPION)
-    champion_metrics = None
-    if current is not None:
-        champion_metrics = _eval_version(model_name, current, ev.data_root, split, ev.split_data)
-    decision, reason = gate_decision(
-        ev.metrics[GATE_METRIC],
-        None if champion_metrics is None else champion_metrics[GATE_METRIC],
-        margin,
-        split,
-        current,
-    )
+    verdict = _judge(client, model_name, ev, margin, split)
+    current = verdict.compared_with
     return PromotionResult(
-        model_name=model_name, version="", decision=decision, reason=reason, split=split,
-        challenger_metrics=ev.metrics, champion_metrics=champion_metrics, compared_with=current,
+        model_name=model_name, version="", decision=verdict.decision, reason=verdict.reason, split=split,
+        challenger_metrics=ev.metrics, champion_metrics=verdict.champion_metrics, compared_with=current,
         champion=current or "", source_run_id=source, model_uri=f"runs:/{source}/{MODEL_ARTIFACT_PATH}",
     )  # fmt: skip
