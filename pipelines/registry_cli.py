@@ -147,7 +147,8 @@ def promote_cmd(
     console.print(_metrics_table(f"{res.model_name} on split {res.split!r}", cols))
     color = "green" if res.promoted else "yellow"
     if dry_run:
-        console.print(f"dry run: [{color}]would be {res.decision}[/]: {res.reason}; nothing was registered")
+        console.print(f"dry run: [{color}]would be {res.decision}[/]: {res.reason}; the run's model is "
+                      f"{res.model_uri}; nothing was registered")
     else:
         console.print(f"[{color}]{res.decision}[/]: {res.reason}; champion is v{res.champion} ({res.model_uri})")
     raise typer.Exit(res.exit_code)

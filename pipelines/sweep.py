@@ -258,15 +258,14 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
     from pipelines import tracking
 
     rows = []
-    best: dict[str, Any] | None = None
-    sign = 1 if space.mode == "max" else -1
+    best: dict[str, Any] | None = None  # a space's metric is the running best val R@1, mode max
     for res in grid:
         params = dict(res.config or {})
         hist = res.metrics_dataframe
         values = []
         if hist is not None and space.metric in hist:
             values = [v for v in hist[space.metric].tolist() if v == v]  # drop NaN
-        score = (max(values) if sign > 0 else min(values)) if values else None
+        score = max(values) if values else None
         last = res.metrics or {}
         finished = "test/R1" in last  # the final report (test metrics + exported model)
         status = "ERROR" if res.error else ("DONE" if finished else "STOPPED")
@@ -284,7 +283,7 @@ def _log_parent(grid: Any, space: SpaceFile, parent: str, cfg: ExperimentConfig,
         rows.append(row)
         _end_trial_run(row, res.error, space)
         # Only a trial that ran to the end has an exported model to promote.
-        if finished and score is not None and (best is None or sign * score > sign * best["score"]):
+        if finished and score is not None and (best is None or score > best["score"]):
             best = {"score": score, "params": params, "row": row}
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp, "trials.csv")

@@ -62,6 +62,13 @@ def best_model_id(run_id: str) -> str | None:
         raise RegistryError(f"cannot look up run {run_id}: {e}") from None
 
 
+def run_model_uri(run_id: str) -> str:
+    """The URI of a training run's exported model: its logged model ``models:/m-...``, or (runs
+    logged before tpr logged models) its artifact folder ``runs:/RUN/model``."""
+    model_id = best_model_id(run_id)
+    return f"models:/{model_id}" if model_id else f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
 def download_run_model(run_id: str, dst: str | Path) -> Path:
     """Download a training run's exported model folder into ``dst``: its logged model ``model``,
     or (runs logged before tpr logged models) its artifact folder ``model/``."""
@@ -70,10 +77,9 @@ def download_run_model(run_id: str, dst: str | Path) -> Path:
     from pipelines.tracking_server import direct_artifact_uri
     from tpr_core.export import INFO_FILE
 
-    model_id = best_model_id(run_id)
-    where = f"logged model {model_id}" if model_id else f"artifact path {MODEL_ARTIFACT_PATH!r}"
+    source = run_model_uri(run_id)
+    where = f"logged model {source}" if source.startswith("models:/") else f"artifact path {MODEL_ARTIFACT_PATH!r}"
     try:
-        source = f"models:/{model_id}" if model_id else f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
         local = mlflow.artifacts.download_artifacts(artifact_uri=direct_artifact_uri(source), dst_path=str(dst))
     except Exception as e:
         raise RegistryError(f"run {run_id} has no exported model ({where}): {e}") from None

@@ -38,6 +38,7 @@ from pipelines.registry.artifacts import (
     exported_dir_of,
     log_registered_model,
     resolve_source_run,
+    run_model_uri,
 )
 from pipelines.registry.common import (
     CHALLENGER,
@@ -47,7 +48,6 @@ from pipelines.registry.common import (
     GATE_METRIC,
     GATE_R1_TAG,
     GATE_SPLIT_TAG,
-    MODEL_ARTIFACT_PATH,
     PREVIOUS,
     WEIGHTS_TAG,
     RegistryError,
@@ -507,5 +507,5 @@ def preview_promotion(
     return PromotionResult(
         model_name=model_name, version="", decision=verdict.decision, reason=verdict.reason, split=split,
         challenger_metrics=ev.metrics, champion_metrics=verdict.champion_metrics, compared_with=current,
-        champion=current or "", source_run_id=source, model_uri=f"runs:/{source}/{MODEL_ARTIFACT_PATH}",
+        champion=current or "", source_run_id=source, model_uri=run_model_uri(source),
     )  # fmt: skip

@@ -342,5 +342,8 @@ def test_read_only_commands_read_the_store_without_a_server(champion):
     assert f"{float(champion.tags['tpr.gate.R1']):.2f} (val)" in models.output, models.output  # the gate's R@1
     assert dry.exit_code == registry.EXIT_KEPT, dry.output
     assert "would be kept" in dry.output and "nothing was registered" in " ".join(dry.output.split())
+    logged = client.search_logged_models([client.get_run(untrained).info.experiment_id],
+                                         filter_string=f"source_run_id = '{untrained}'")  # the run's model
+    assert f"models:/{logged[0].model_id}" in "".join(dry.output.split()), dry.output
     assert [(v.version, v.aliases) for v in client.search_model_versions(f"name='{NAME}'")] == before
     assert db.is_file()
