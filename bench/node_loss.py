@@ -108,16 +108,18 @@ def sweep_node_loss(work: Path, epochs: int = 3, steps: int = 2) -> dict:
         figures["steps"] = {r.info.run_name: step_report(client, r.info.run_id) for r in children}
         if "t" in killed:
             t_kill = killed["t"] * 1000
-            firsts = {}
-            for r in children:
-                ts = [m.timestamp for k in r.data.metrics for m in client.get_metric_history(r.info.run_id, k)
-                      if m.timestamp > t_kill]
-                firsts[r.info.run_name] = (min(ts) - t_kill) / 1000 if ts else None
-            # the lost trial is the one whose first report after the kill came last
-            lost = max(firsts, key=lambda k: firsts[k] if firsts[k] is not None else 1e9)
+            gaps = {}
+            for r in children:  # the first new train step after the kill, per trial
+                hist = client.get_metric_history(r.info.run_id, "train/loss")
+                before = max((m.step for m in hist if m.timestamp <= t_kill), default=-1)
+                after = [m.timestamp for m in hist if m.step > before and m.timestamp > t_kill]
+                gaps[r.info.run_name] = round((min(after) - t_kill) / 1000, 1) if after else None
+            # the lost trial: the one whose next step came last (a trial done before the kill has none)
+            live = {k: v for k, v in gaps.items() if v is not None}
+            lost = max(live, key=live.get) if live else None
             figures["lost_trial"] = lost
-            figures["kill_to_next_report_s"] = round(firsts[lost], 1) if firsts[lost] is not None else None
-            figures["other_trial_kill_to_next_report_s"] = {k: v for k, v in firsts.items() if k != lost}
+            figures["kill_to_next_report_s"] = live.get(lost)
+            figures["next_step_after_kill_s"] = gaps
     return figures
 
 
