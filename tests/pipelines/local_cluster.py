@@ -50,10 +50,14 @@ class LocalCluster:
         self._tmp = Path(tempfile.mkdtemp(prefix="tprc-", dir="/tmp"))
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = _free_port()
         token = secrets.token_hex(16)
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"},
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray Train's placement-group cleaner asks the state API of the dashboard named here;
+            # without it, it looks for the Ray instance started last on the machine (see init_ray)
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
             # the worktree's code first, in the nodes and in every worker they start
             "PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
             # a dead node is noticed in seconds, not in Ray's default ~30 s
@@ -85,7 +89,7 @@ class LocalCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.head = self._start("head", [
             "--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={_free_port()}",
         ])
         self.start_second(timeout_s)
