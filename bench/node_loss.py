@@ -111,9 +111,11 @@ def sweep_node_loss(work: Path, epochs: int = 3, steps: int = 2) -> dict:
             gaps = {}
             for r in children:  # the first new train step after the kill, per trial
                 hist = client.get_metric_history(r.info.run_id, "train/loss")
-                before = max((m.step for m in hist if m.timestamp <= t_kill), default=-1)
-                after = [m.timestamp for m in hist if m.step > before and m.timestamp > t_kill]
-                gaps[r.info.run_name] = round((min(after) - t_kill) / 1000, 1) if after else None
+                # the report of the checkpoint that triggered the kill may land just after it:
+                # the next report is the one after the longest pause that follows the kill
+                ts = sorted(m.timestamp for m in hist)
+                after = [(b - a, b) for a, b in zip(ts, ts[1:]) if b > t_kill]
+                gaps[r.info.run_name] = round((max(after)[1] - t_kill) / 1000, 1) if after else None
             # the lost trial: the one whose next step came last (a trial done before the kill has none)
             live = {k: v for k, v in gaps.items() if v is not None}
             lost = max(live, key=live.get) if live else None
