@@ -34,6 +34,34 @@ def _wait_exit(proc: subprocess.Popen, timeout_s: float = 30) -> None:
         pass
 
 
+def _session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (from /proc; Linux)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # state ppid pgrp session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``."""
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# A dead node noticed by the GCS after about 3 missed checks of 0.5 s, not Ray's default
+# (a check every 3 s, given up after 5 misses of up to 10 s each).
+FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
+                     "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+
+
 class LocalCluster:
     """A head (``ray start --head``) and a second node (``ray start --address``) on 127.0.0.1.
 
@@ -42,9 +70,11 @@ class LocalCluster:
             (Ray's Unix sockets have a ~100 character path limit).
         head_cpus, second_cpus: ``--num-cpus`` of each node.
         env: extra environment of both nodes (and of the drivers, see :meth:`env`).
+        fast_health_check: :data:`FAST_HEALTH_CHECK` on the nodes (a lost node noticed sooner).
     """
 
-    def __init__(self, base: Path, head_cpus: int = 2, second_cpus: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, base: Path, head_cpus: int = 2, second_cpus: int = 1, env: dict[str, str] | None = None,
+                 fast_health_check: bool = True):
         self.base = Path(base)
         self.head_cpus, self.second_cpus = head_cpus, second_cpus
         self._tmp = Path(tempfile.mkdtemp(prefix="tprc-", dir="/tmp"))
@@ -60,9 +90,7 @@ class LocalCluster:
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
             # the worktree's code first, in the nodes and in every worker they start
             "PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
-            # a dead node is noticed in seconds, not in Ray's default ~30 s
-            "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
-            "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
+            **(FAST_HEALTH_CHECK if fast_health_check else {}),
             **(env or {}),
         }
         self.head: subprocess.Popen | None = None
@@ -107,34 +135,57 @@ class LocalCluster:
     def second_temp_dir(self) -> Path:
         return self._tmp / f"second-{self._second_count}"
 
+    _QUESTIONS = {
+        "resources": "ray.cluster_resources()",
+        "nodes": f"{{('second' if n['Resources'].get({SECOND_NODE_RESOURCE!r}) else 'head'): n['NodeID']"
+                 " for n in ray.nodes() if n['Alive']}",
+    }
+
+    def _ask(self, question: str, timeout_s: float) -> tuple[object | None, str]:
+        """One of :attr:`_QUESTIONS` answered by this process's Ray connection when it has one,
+        else by a short-lived driver of the cluster (a few seconds: it starts a Python with Ray)."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            if question == "resources":
+                return ray.cluster_resources(), ""
+            return {("second" if n["Resources"].get(SECOND_NODE_RESOURCE) else "head"): n["NodeID"]
+                    for n in ray.nodes() if n["Alive"]}, ""
+        import json
+
+        probe = ("import json, os, ray\n"
+                 "ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR', log_to_driver=False)\n"
+                 f"print('OUT', json.dumps({self._QUESTIONS[question]}))")
+        r = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True,
+                           timeout=timeout_s)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("OUT ")), None)
+        return (json.loads(line[4:]) if line else None), r.stderr[-2000:]
+
     def wait_resources(self, want: dict[str, float], timeout_s: float) -> None:
-        """Wait until the cluster's alive nodes hold ``want`` (asked of a short-lived driver)."""
-        probe = (
-            "import json,ray; import os; ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR', log_to_driver=False);"
-            "print('RES', json.dumps(ray.cluster_resources()))"
-        )
+        """Wait until the cluster's alive nodes hold ``want``."""
         deadline = time.time() + timeout_s
         while True:
-            r = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True,
-                               timeout=timeout_s)
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RES ")), None)
-            if line is not None:
-                import json
-
-                have = json.loads(line[4:])
-                if all(have.get(k, 0) >= v for k, v in want.items()):
-                    return
+            have, err = self._ask("resources", timeout_s)
+            if have is not None and all(have.get(k, 0) >= v for k, v in want.items()):
+                return
             if time.time() > deadline or any(p is not None and p.poll() is not None for p in (self.head, self.second)):
                 raise RuntimeError(f"cluster at {self.address} did not come up with {want}: see {self.base}/*.log\n"
-                                   + r.stderr[-2000:])
-            time.sleep(1)
+                                   + err)
+            time.sleep(0.5)
+
+    def node_ids(self) -> dict[str, str]:
+        """``{"head": id, "second": id}`` of the alive nodes (the second one: the custom resource's)."""
+        nodes, err = self._ask("nodes", 60)
+        if nodes is None:
+            raise RuntimeError(f"cluster at {self.address} did not list its nodes: {err}")
+        return nodes
 
     def kill_second(self) -> float:
-        """SIGKILL the second node's whole process group (raylet, workers, agents); returns the
-        time of the kill."""
+        """SIGKILL every process of the second node, as when its machine is lost; returns the time
+        of the kill. Ray starts each worker in its own process group (not the node's), so the
+        node is its session: everything ``ray start`` left in it."""
         assert self.second is not None
         t = time.time()
-        os.killpg(self.second.pid, signal.SIGKILL)
+        _kill_session(self.second.pid)
         _wait_exit(self.second)
         return t
 
@@ -145,7 +196,8 @@ class LocalCluster:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _stop(self) -> None:
-        """Kill the process groups started here (the second node first), and wait for them."""
+        """End the sessions started here (the second node first): SIGTERM to each node's ``ray
+        start``, then SIGKILL to whatever is left in its session (workers, agents)."""
         for proc in (self.second, self.head):
             if proc is None or proc.poll() is not None:
                 continue
@@ -153,17 +205,11 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _wait_exit(proc)
-        for proc in (self.second, self.head):  # what a node's SIGTERM left behind in its group
+            _wait_exit(proc, 3)
+        for proc in (self.second, self.head):
             if proc is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_session(proc.pid)
+                _wait_exit(proc, 5)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
