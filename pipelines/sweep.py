@@ -41,7 +41,10 @@ SWEEP_KEY_PREFIX = "sweep:"
 # The trial driver only waits on its TorchTrainer: it reserves a little memory and no CPU, so
 # that N trials of W workers fit exactly on N x W CPUs (a CPU share per driver would leave
 # the last trial's worker group a fraction short of its CPU, waiting forever).
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
+# It also stays on the head node (a sliver of the head's own resource): a lost worker node
+# then costs its trials' worker groups, which Ray Train restarts from the last checkpoint,
+# not their drivers (a lost driver would fail the whole trial).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001}
 
 
 def default_max_concurrent(cfg: ExperimentConfig) -> int:

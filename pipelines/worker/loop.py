@@ -124,7 +124,7 @@ def _setup(job: WorkerJob) -> _Worker:
         job=job, rank=rank, world=world, device=device, tokenizer=tokenizer, val_data=val_data,
         num_classes=num_classes, term_names=list(spec.terms), engine=engine, scheduler=scheduler,
         sampler=sampler, dataset=dataset, loader=loader, micro_per_epoch=steps_per_epoch * d.grad_accum,
-        tracker=Tracker(rank == 0, job), state=state,
+        tracker=Tracker(rank == 0, job, resumed_epoch=state["epoch"]), state=state,
     )
 
 

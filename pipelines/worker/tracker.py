@@ -22,7 +22,7 @@ class Tracker:
     checkpoint as a logged model with its val and test metrics.
     """
 
-    def __init__(self, enabled: bool, job: WorkerJob) -> None:
+    def __init__(self, enabled: bool, job: WorkerJob, resumed_epoch: int = 0) -> None:
         # The URI travels in the job: a worker started by a Tune trial does not inherit the
         # environment of the process that started the tracking server.
         if job.tracking_uri:
@@ -33,9 +33,9 @@ class Tracker:
         self.dataset: Any = None
         self._monitor: Any = None
         if self.enabled:
-            self._start(job)
+            self._start(job, resumed_epoch)
 
-    def _start(self, job: WorkerJob) -> None:
+    def _start(self, job: WorkerJob, resumed_epoch: int) -> None:
         from pipelines import tracking  # mlflow is imported only where it is used
         from tpr_core.data.store import read_manifest
 
@@ -48,6 +48,7 @@ class Tracker:
             "git_commit": job.git_commit,
             "ray_run_name": job.run_name,
             "tpr.model_dir": job.model_dir,
+            **_placement_tags(resumed_epoch),
             **job.extra_tags,
         }
         self.run_id = tracking.start_or_resume_run(
@@ -110,6 +111,21 @@ class Tracker:
         if summary:
             self._tracking.describe(self.run_id, f"{self._intro}\n\n{summary}")
         self._tracking.set_terminated(self.run_id, status)
+
+
+def _placement_tags(resumed_epoch: int) -> dict[str, str]:
+    """Where this worker group runs, set again by a restarted one: rank 0's Ray node and host, and
+    the checkpoint's epoch when the group resumed one (after a lost worker or node)."""
+    import socket
+
+    import ray
+
+    tags = {"tpr.host": socket.gethostname()}
+    if ray.is_initialized():
+        tags["tpr.ray_node_id"] = ray.get_runtime_context().get_node_id()
+    if resumed_epoch:
+        tags["tpr.resumed_from_epoch"] = str(resumed_epoch)
+    return tags
 
 
 def _describe_training(job: WorkerJob, manifest: Mapping[str, Any]) -> str:

@@ -228,39 +228,6 @@ class DieAfterEpoch:
             ray.train.report = report
 
 
-def test_killed_worker_resumes_with_one_mlflow_run(ray_local, synth_data, tmp_path):
-    from pipelines.train import train
-
-    cfg = _cfg(
-        "irra",
-        synth_data,
-        **every_epoch(3, 3, train__log_every=1),
-    )
-    marker = tmp_path / "killed"
-    m = train(cfg, runs_dir=tmp_path, name="kill", train_fn=DieAfterEpoch(2, marker))
-    assert marker.exists(), "the worker was not killed"
-    assert m["best/epoch"] in (1, 2, 3)
-    # The last epoch and the final results are one report (its checkpoint is the last epoch's),
-    # so a scheduler can never stop a trial between the two.
-    from ray.train import Result
-
-    latest = Result.from_path(m["run_dir"])
-    assert Path(latest.checkpoint.path).name == "epoch-0003"
-    assert latest.metrics["epoch"] == 3 and latest.metrics["test/R1"] == pytest.approx(m["test/R1"])
-    assert [Path(c.path).name for c, metrics in latest.best_checkpoints if "test/R1" in metrics] == ["epoch-0003"]
-    with _mlflow(tmp_path) as client:
-        runs = _runs(client, cfg.tracking.experiment, "kill")
-        assert len(runs) == 1
-        steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "train/loss")]
-        assert steps == list(range(1, 10)), steps  # 3 epochs x 3 steps, each exactly once
-        val_steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "val/R1")]
-        # each evaluation once, and the best epoch's once more: linked to the logged model
-        assert sorted(val_steps) == sorted([3, 6, 9, 3 * m["best/epoch"]]), val_steps
-        [out] = runs[0].outputs.model_outputs
-        linked = {mt.key: mt.step for mt in client.get_logged_model(out.model_id).metrics}
-        assert linked["val/R1"] == 3 * m["best/epoch"] and linked["test/R1"] == 9
-
-
 def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
     from pipelines.train import train
 
