@@ -10,8 +10,10 @@ autoscaler brings), so the lost work continues on the head.
 1. ``sweep``: a 2-trial sweep (IRRA tiny, 1 worker per trial): one trial trains on each node.
    Once the trial on the second node has its first checkpoint registered by Ray Train, the
    second node's whole process group is SIGKILLed.
-2. ``train``: a replacement second node joins; ``tpr train`` (the CLI, in its own process)
-   with 2 workers, one on each node; the same kill after its first checkpoint.
+2. ``train``: a replacement second node joins; ``tpr train`` with 2 workers, one on each node,
+   submitted as a Ray job through ``cluster/submit.sh`` (token authentication, the repository
+   uploaded as the job's working dir); the same kill after its first checkpoint; then the same
+   submit again, which must report the finished job and start none.
 
 Printed as JSON (``--out`` writes it to a file too), per scenario: seconds from the kill to the
 lost run's first new train step and to its next report (the next epoch's validation), the
@@ -227,8 +229,12 @@ def sweep_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
 
 
 def train_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int) -> dict:
-    """``tpr train`` with 2 workers, one per node (a replacement second node first); the second
-    node is lost after the first checkpoint. The CLI runs in its own process."""
+    """``tpr train`` with 2 workers, one per node (a replacement second node first), submitted as
+    a Ray job through ``cluster/submit.sh`` (its driver runs on the head, as on a real cluster);
+    the second node is lost after the first checkpoint. Then the same submit again, which must
+    find the finished job and not start a second one."""
+    from ray.job_submission import JobSubmissionClient
+
     from tpr_core.experiment import load_config
 
     cluster.start_second()
@@ -236,15 +242,16 @@ def train_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
     runs = work / "train-runs"
     ov = _overrides(data, epochs, steps, workers=2)
     cfg = load_config(CONFIG, ov)
+    cmd = ["bash", "cluster/submit.sh", "--address", cluster.dashboard_url, "--env", "DS_ACCELERATOR=cpu", "--",
+           "tpr", "train", str(CONFIG.relative_to(REPO)), *ov, "--runs-dir", str(runs), "--name", "nodeloss-train"]
+    env = cluster.env()
     hold = HeadHold()
     # rank 0 may be on either node: the run is watched whichever it is
     killer = Killer(cluster, runs, cfg.tracking.experiment, None, hold.release)
     killer.start()
     t0 = time.time()
     try:
-        r = subprocess.run([str(Path(sys.executable).with_name("tpr")), "train", str(CONFIG), *ov,
-                            "--runs-dir", str(runs), "--name", "nodeloss-train"],
-                           env=cluster.env(), capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         killer.done.set()
         hold.release()
@@ -252,6 +259,15 @@ def train_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
                      "killer_error": killer.error}
     if r.returncode != 0:
         figures["output_tail"] = (r.stdout + r.stderr)[-3000:]
+        return figures
+    sub_id = r.stdout.splitlines()[0].strip()
+    jobs = JobSubmissionClient(cluster.dashboard_url)
+    figures["submission_id"] = sub_id
+    figures["job_status"] = str(jobs.get_job_status(sub_id))
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    figures["again"] = {"exit": again.returncode, "same_id": again.stdout.splitlines()[:1] == [sub_id],
+                        "not_submitted_again": "not submitting again" in again.stderr}
+    figures["jobs_with_that_id"] = [j.submission_id for j in jobs.list_jobs()].count(sub_id)
     client = _client(runs)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     found = client.search_runs([exp.experiment_id]) if exp else []
@@ -260,12 +276,11 @@ def train_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
     figures["val_steps"] = {x.info.run_name: sorted(m.step for m in client.get_metric_history(x.info.run_id, "val/R1"))
                             for x in found}
     figures["best_val_step"] = {x.info.run_name: _best_val_step(client, x) for x in found}
-    if r.returncode == 0:
-        from ray.train import Result
+    from ray.train import Result
 
-        latest = Result.from_path(str(runs / "ray" / "nodeloss-train"))
-        figures["latest_checkpoint"] = Path(latest.checkpoint.path).name
-        figures["latest_has_test"] = "test/R1" in latest.metrics
+    latest = Result.from_path(str(runs / "ray" / "nodeloss-train"))
+    figures["latest_checkpoint"] = Path(latest.checkpoint.path).name
+    figures["latest_has_test"] = "test/R1" in latest.metrics
     if killer.victim:
         figures.update(_after_kill(client, killer, nodes["head"], steps))
     return figures

@@ -98,10 +98,11 @@ def _make_trainable(
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         job = trial_job(job, sweep_name, parent_run_id, tracking_uri, params, source_tags)
-        result = fit(paths, job, callbacks=[TuneReportCallback()])
-        if result.error is not None:
-            end_failed_run(job, result.error)
-            raise result.error
+        try:
+            fit(paths, job, callbacks=[TuneReportCallback()])
+        except Exception as e:
+            end_failed_run(job, e)
+            raise
 
     return tune.with_resources(trial, TRIAL_DRIVER_RESOURCES)
 

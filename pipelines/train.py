@@ -67,7 +67,8 @@ def fit(
     """Build the TorchTrainer (the same for train and sweep) and run it; returns Ray's Result.
 
     ``train_fn`` is what every worker runs with ``job.loop_config()``; default
-    ``pipelines.worker.train_loop``.
+    ``pipelines.worker.train_loop``. A training that fails raises (Ray Train 2's ``fit`` raises
+    the error it would otherwise put in the Result); the caller ends the MLflow run with it.
     """
     from ray.train.torch import TorchTrainer
 
@@ -113,11 +114,11 @@ def train(
     with tracking_server(paths.runs_dir, while_starting=init_ray) as uri:
         # The workers run Ray's entry point: MLflow's source tags are this process's.
         job = replace(job, tracking_uri=uri, extra_tags={**tracking.context_tags(job.git_commit), **job.extra_tags})
-        result = fit(paths, job, train_fn=train_fn)
-        if result.error is not None:
-            end_failed_run(job, result.error)
-    if result.error is not None:
-        raise result.error
+        try:
+            fit(paths, job, train_fn=train_fn)
+        except Exception as e:
+            end_failed_run(job, e)
+            raise
     metrics = json.loads(read_text(job.result_path))
     metrics["run_name"] = name
     metrics["run_dir"] = paths.run_dir

@@ -81,15 +81,18 @@ class LocalCluster:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_port = _free_port()
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"  # also the job server
         token = secrets.token_hex(16)
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"},
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
             # Ray Train's placement-group cleaner asks the state API of the dashboard named here;
             # without it, it looks for the Ray instance started last on the machine (see init_ray)
-            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
-            # the worktree's code first, in the nodes and in every worker they start
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            # the worktree's code first, in the nodes and in every worker they start; `tpr` and `ray`
+            # on the PATH of a job's entrypoint
             "PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
+            "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
             **(FAST_HEALTH_CHECK if fast_health_check else {}),
             **(env or {}),
         }

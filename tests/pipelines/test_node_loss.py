@@ -1,9 +1,12 @@
 """A lost node on a real two-node Ray cluster on loopback (#20): ``bench/node_loss.py`` runs a
-2-trial sweep and a 2-worker ``tpr train``, each losing the second node (every process of it,
-SIGKILL) after its first registered checkpoint; this test checks the figures it prints.
+2-trial sweep and a 2-worker ``tpr train`` submitted as a Ray job through ``cluster/submit.sh``,
+each losing the second node (every process of it, SIGKILL) after its first registered
+checkpoint; this test checks the figures it prints.
 
-It replaces a killed worker on one node (an earlier test): the lost node takes the worker with
-it, and the run must come back from its checkpoint on another node."""
+It also stands for two earlier tests: a worker killed on a one-node cluster (the lost node
+takes the worker with it, and the run must come back from its checkpoint on another node),
+and a tiny training submitted once through ``cluster/submit.sh`` (the job SUCCEEDED, its
+MLflow run FINISHED, the same submit again starts no second job)."""
 
 import json
 import os
@@ -49,6 +52,9 @@ def test_a_sweep_and_a_training_survive_the_loss_of_a_node(tmp_path):
 
     train = f["train"]
     assert train["exit"] == 0 and train["runs"] == 1, train
+    assert train["submission_id"].startswith("tpr-train-") and train["job_status"] == "SUCCEEDED", train
+    assert train["again"] == {"exit": 0, "same_id": True, "not_submitted_again": True}, train
+    assert train["jobs_with_that_id"] == 1, train
     _check_lost_run(train)
     # each validation once, and the best epoch's once more (linked to the logged model)
     best = train["best_val_step"]["nodeloss-train"]

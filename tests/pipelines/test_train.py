@@ -242,6 +242,10 @@ def test_same_name_after_a_crash_resumes(ray_local, synth_data, tmp_path):
     with pytest.raises(TrainingFailedError):
         train(cfg, runs_dir=tmp_path, name="crash", train_fn=DieAfterEpoch(1, marker))
     assert marker.exists()
+    with _mlflow(tmp_path) as client:  # the failed training's run ends FAILED, with the reason
+        [run] = _runs(client, cfg.tracking.experiment, "crash")
+        assert run.info.status == "FAILED" and run.info.end_time, run.info
+        assert "Failed: " in run.data.tags["mlflow.note.content"], run.data.tags["mlflow.note.content"]
     m = train(cfg, runs_dir=tmp_path, name="crash")
     assert m["test/R1"] >= 0
     with _mlflow(tmp_path) as client:
