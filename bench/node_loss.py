@@ -1,5 +1,7 @@
-"""A lost node on a real two-node Ray cluster on loopback (#20): a sweep and a ``tpr train``
-each lose the node that runs part of their work, and finish.
+"""A lost node (#20): a sweep and a tpr train job each lose a node of a two-node Ray cluster.
+
+On a real two-node Ray cluster on loopback, a sweep and a ``tpr train`` each lose the node that
+runs part of their work, and finish.
 
 The cluster (``tests/pipelines/local_cluster.py``): a head with 2 CPUs and a second node with
 1 CPU, each its own ``ray start`` in its own process group, one storage path. While the work
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="train steps per epoch")
     ap.add_argument("--ray-health-check", action="store_true",
-                    help="Ray's own node health check (a dead node noticed in about 15 s), not the shortened one")
+                    help="Ray's own node health check settings, not the shortened ones of the test")
     ap.add_argument("--work", type=Path, help="working folder (default: a new temporary one)")
     ap.add_argument("--out", type=Path, help="also write the figures (JSON) here")
     a = ap.parse_args(argv)

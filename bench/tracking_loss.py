@@ -1,5 +1,6 @@
-"""A lost tracking server (#20): the MLflow server of a running ``tpr train`` goes away for
-``--outage`` seconds and comes back on the same port and store.
+"""A lost tracking server (#20): the MLflow server of a running tpr train goes away and returns.
+
+The server goes away for ``--outage`` seconds and comes back on the same port and store.
 
 An ``mlflow server`` of this script's own (SQLite store, its own session) is the run's
 ``MLFLOW_TRACKING_URI``, as a team's server would be; ``tpr train`` (the CLI, a local Ray, IRRA
