@@ -28,6 +28,7 @@ run's duplicated or missing steps, and the trials' statuses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,7 @@ class Killer(threading.Thread):
         self.cluster, self.runs, self.experiment, self.second_id = cluster, runs, experiment, second_id
         self.after_kill = after_kill
         self.done = threading.Event()
+        self.t_start = time.time()
         self.t_kill: float | None = None
         self.victim: dict | None = None  # run id and name, and what it had logged at the kill
         self.error: str | None = None
@@ -109,8 +112,14 @@ class Killer(threading.Thread):
         except Exception as e:  # reported in the figures, never a hang
             self.error = f"{type(e).__name__}: {e}"
 
+    def figures(self) -> dict:
+        """Seconds since the watch began, whether the node was killed, and the watch's error."""
+        return {"wall_s": round(time.time() - self.t_start, 1), "killed": self.t_kill is not None,
+                "killer_error": self.error}
+
     def _watch(self) -> None:
         client = None
+        where = f"tags.`tpr.ray_node_id` = '{self.second_id}'" if self.second_id else ""
         while not self.done.is_set():
             time.sleep(0.1)
             if client is None:
@@ -119,7 +128,6 @@ class Killer(threading.Thread):
                 client = _client(self.runs)
             try:
                 exp = client.get_experiment_by_name(self.experiment)
-                where = f"tags.`tpr.ray_node_id` = '{self.second_id}'" if self.second_id else ""
                 found = exp and client.search_runs([exp.experiment_id], filter_string=where)
             except Exception:  # the server may hold a write lock for a moment
                 continue
@@ -162,7 +170,8 @@ def _after_kill(client, killer: Killer, head_id: str, steps_per_epoch: int) -> d
     new = [m for m in train if m.step > v["last_step_before_kill"]]
     first_val = (v["last_step_before_kill"] // steps_per_epoch + 1) * steps_per_epoch  # next epoch's last step
     val = [m for m in client.get_metric_history(v["run_id"], "val/R1") if m.step >= first_val]
-    tags = client.get_run(v["run_id"]).data.tags
+    run = client.get_run(v["run_id"])
+    tags = run.data.tags
     return {
         "lost_run": v["name"],
         "last_step_before_kill": v["last_step_before_kill"],
@@ -170,7 +179,7 @@ def _after_kill(client, killer: Killer, head_id: str, steps_per_epoch: int) -> d
         "kill_to_next_report_s": round((min(m.timestamp for m in val) - t_kill_ms) / 1000, 1) if val else None,
         "resumed_from_epoch": int(tags["tpr.resumed_from_epoch"]) if "tpr.resumed_from_epoch" in tags else None,
         "finished_on_head": tags.get("tpr.ray_node_id") == head_id,
-        "status": client.get_run(v["run_id"]).info.status,
+        "status": run.info.status,
     }
 
 
@@ -196,6 +205,20 @@ class HeadHold:
             self._actor = None
 
 
+@contextlib.contextmanager
+def _second_node_lost(cluster: Any, runs: Path, experiment: str, second_id: str | None) -> Iterator[Killer]:
+    """For the block: one head CPU held and a :class:`Killer` watching ``runs``; both stopped at
+    its end. The killer's :meth:`~Killer.figures` say how it went."""
+    hold = HeadHold()
+    killer = Killer(cluster, runs, experiment, second_id, hold.release)
+    killer.start()
+    try:
+        yield killer
+    finally:
+        killer.done.set()
+        hold.release()
+
+
 def sweep_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int) -> dict:
     """A 2-trial sweep, one trial per node; the second node is lost after that trial's first
     checkpoint. Runs in this process (a driver connected to the cluster)."""
@@ -209,17 +232,9 @@ def sweep_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
     cfg = load_config(CONFIG, _overrides(data, epochs, steps, workers=1))
     init_ray()  # connected from here on: the cluster's questions are answered in this process
     nodes = cluster.node_ids()
-    hold = HeadHold()
-    killer = Killer(cluster, runs, cfg.tracking.experiment, nodes["second"], hold.release)
-    killer.start()
-    t0 = time.time()
-    try:
+    with _second_node_lost(cluster, runs, cfg.tracking.experiment, nodes["second"]) as killer:
         out = sweep(cfg, space, runs_dir=runs, samples=2, max_concurrent=2, name="nodeloss")
-    finally:
-        killer.done.set()
-        hold.release()
-    figures: dict = {"wall_s": round(time.time() - t0, 1), "killed": killer.t_kill is not None,
-                     "killer_error": killer.error, "statuses": sorted(r["status"] for r in out["trials"])}
+    figures = {**killer.figures(), "statuses": sorted(r["status"] for r in out["trials"])}
     client = _client(runs)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
@@ -247,18 +262,10 @@ def train_scenario(cluster: Any, work: Path, data: dict, epochs: int, steps: int
     cmd = ["bash", "cluster/submit.sh", "--address", cluster.dashboard_url, "--env", "DS_ACCELERATOR=cpu", "--",
            "tpr", "train", str(CONFIG.relative_to(REPO)), *ov, "--runs-dir", str(runs), "--name", "nodeloss-train"]
     env = cluster.env()
-    hold = HeadHold()
     # rank 0 may be on either node: the run is watched whichever it is
-    killer = Killer(cluster, runs, cfg.tracking.experiment, None, hold.release)
-    killer.start()
-    t0 = time.time()
-    try:
+    with _second_node_lost(cluster, runs, cfg.tracking.experiment, None) as killer:
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        killer.done.set()
-        hold.release()
-    figures: dict = {"wall_s": round(time.time() - t0, 1), "exit": r.returncode, "killed": killer.t_kill is not None,
-                     "killer_error": killer.error}
+    figures = {**killer.figures(), "exit": r.returncode}
     if r.returncode != 0:
         figures["output_tail"] = (r.stdout + r.stderr)[-3000:]
         return figures

@@ -1,12 +1,12 @@
 """A real two-node Ray cluster on loopback: a head and a second node, each its own ``ray start``
-in its own process group, so that one node can be lost (``os.killpg`` SIGKILL) and the other
-lives on. Used by ``bench/node_loss.py`` and ``tests/pipelines/test_node_loss.py``.
+in its own session, so that one node can be lost (every process of its session SIGKILLed) and
+the other lives on. Used by ``bench/node_loss.py`` and ``tests/pipelines/test_node_loss.py``.
 
 Both nodes run on this machine but are separate Ray nodes: own raylet, own ``--temp-dir``, own
 ports (free ones, picked here: another Ray instance on the machine keeps its own). The cluster
 uses a private token (``RAY_AUTH_MODE=token``) held in the environment of the nodes and of the
 drivers given :meth:`LocalCluster.env`; nothing is written to ``~/.ray``. Teardown kills only
-the process groups started here (never ``ray stop``: it stops every Ray instance on the machine).
+the sessions started here (never ``ray stop``: it stops every Ray instance on the machine).
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ def _kill_session(sid: int) -> None:
 # settings (cluster/README.md "What survives what" has the figures of both).
 FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
                      "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+
+
+def answer(ray, question: str) -> object:
+    """Asked of a driver connected to the cluster: ``"resources"``, what its alive nodes hold;
+    ``"nodes"``, ``{"head": id, "second": id}`` (the second: the node with the custom resource)."""
+    if question == "resources":
+        return ray.cluster_resources()
+    return {("second" if n["Resources"].get(SECOND_NODE_RESOURCE) else "head"): n["NodeID"]
+            for n in ray.nodes() if n["Alive"]}
 
 
 class LocalCluster:
@@ -135,29 +144,18 @@ class LocalCluster:
         ])
         self.wait_resources({"CPU": self.head_cpus + self.second_cpus, SECOND_NODE_RESOURCE: 1}, timeout_s)
 
-    def second_temp_dir(self) -> Path:
-        return self._tmp / f"second-{self._second_count}"
-
-    _QUESTIONS = {
-        "resources": "ray.cluster_resources()",
-        "nodes": f"{{('second' if n['Resources'].get({SECOND_NODE_RESOURCE!r}) else 'head'): n['NodeID']"
-                 " for n in ray.nodes() if n['Alive']}",
-    }
-
     def _ask(self, question: str, timeout_s: float) -> tuple[object | None, str]:
-        """One of :attr:`_QUESTIONS` answered by this process's Ray connection when it has one,
-        else by a short-lived driver of the cluster (a few seconds: it starts a Python with Ray)."""
+        """:func:`answer` from this process's Ray connection when it has one, else from a
+        short-lived driver of the cluster (a few seconds: it starts a Python with Ray)."""
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
-            if question == "resources":
-                return ray.cluster_resources(), ""
-            return {("second" if n["Resources"].get(SECOND_NODE_RESOURCE) else "head"): n["NodeID"]
-                    for n in ray.nodes() if n["Alive"]}, ""
+            return answer(ray, question), ""
         import json
 
         probe = ("import json, os, ray\n"
+                 "from tests.pipelines.local_cluster import answer\n"
                  "ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR', log_to_driver=False)\n"
-                 f"print('OUT', json.dumps({self._QUESTIONS[question]}))")
+                 f"print('OUT', json.dumps(answer(ray, {question!r})))")
         r = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True,
                            timeout=timeout_s)
         line = next((x for x in r.stdout.splitlines() if x.startswith("OUT ")), None)
